@@ -1,0 +1,3 @@
+"""The version of lungmets: the one place it is written (read by pyproject.toml)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,416 @@
+"""The ``lungmets`` command line: argument parsing only.
+
+Each subcommand calls one library function. Heavy modules (NumPy, pandas, Dask, torch) are
+imported inside the handlers, never at the top of this module, so that ``lungmets --help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from histo._version import __version__
+from histo.errors import InputError
+
+__all__ = ["build_parser", "main"]
+
+PROG = "lungmets"
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+# --- argument types ---------------------------------------------------------------------------
+
+
+def _size_px(text: str) -> tuple[int, int]:
+    """Parse ``WIDTHxHEIGHT`` (pixels) into ``(width, height)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT in pixels, e.g. 8192x6144; got {text!r}"
+        )
+    width, height = int(match[1]), int(match[2])
+    if width == 0 or height == 0:
+        raise argparse.ArgumentTypeError(f"width and height must be positive; got {text!r}")
+    return width, height
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1; got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0; got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of non-negative integers, e.g. ``3,9,15,28``."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, e.g. 3,9,15,28; got {text!r}"
+        )
+    return tuple(int(item) for item in items)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0; got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number greater than 0; got {text!r}")
+    return value
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tqdm_progress(desc: str) -> Iterator[ProgressCallback]:
+    """Supply a ``progress(done, total, message)`` callback drawn as a tqdm bar on stderr.
+
+    The bar is created on the first call and closed when ``done == total``; a later call opens a
+    new bar. Leaving the ``with`` block closes any open bar, so an error message printed after
+    it is not mixed into the bar.
+    """
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+        if bar.total != total:
+            bar.total = total
+        bar.set_postfix_str(message, refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bar = None
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+def _run_synth_slide(args: argparse.Namespace) -> int:
+    from histo.synthetic import generate_slide
+
+    width, height = args.size
+    start = time.perf_counter()
+    with _tqdm_progress("synthetic slide") as progress:
+        slide = generate_slide(
+            args.out,
+            size_px=(width, height),
+            group=args.group,
+            dpi=args.dpi,
+            seed=args.seed,
+            ki67=not args.no_ki67,
+            labels=not args.no_labels,
+            mouse_burden=args.mouse_burden,
+            pixel_size_um=args.pixel_size_um,
+            progress=progress,
+        )
+    elapsed_s = time.perf_counter() - start
+
+    lesions = slide.lesions
+    counts = lesions["class"].value_counts()
+    single, cluster, focus = (int(counts.get(name, 0)) for name in ("single", "cluster", "focus"))
+    dormant_singles = int((lesions["class"].eq("single") & lesions["dormant"]).sum())
+    print(f"slide:   {slide.path}")
+    print(f"truth:   {slide.truth_dir}")
+    print(f"lesions: {single} single, {cluster} cluster, {focus} focus")
+    print(f"cells:   {len(slide.cells)} HER2+, {dormant_singles} dormant singles")
+    print(f"time:    {elapsed_s:.1f} s")
+    return 0
+
+
+def _run_synth_cohort(args: argparse.Namespace) -> int:
+    from histo.synthetic import generate_cohort
+
+    width, height = args.size
+    with _tqdm_progress("synthetic cohort") as progress:
+        samples = generate_cohort(
+            args.outdir,
+            mice=args.mice,
+            sections=args.sections,
+            dpis=args.dpis,
+            size_px=(width, height),
+            seed=args.seed,
+            ki67=not args.no_ki67,
+            labels=not args.no_labels,
+            jobs=args.jobs,
+            progress=progress,
+        )
+    print(f"wrote {len(samples)} slides to {args.outdir}")
+    print(f"sample sheet: {args.outdir / 'samples.csv'}")
+    return 0
+
+
+def _run_synth_preview(args: argparse.Namespace) -> int:
+    from histo.synthetic import render_preview
+
+    region = None if args.region is None else tuple(args.region)
+    out = render_preview(args.slide, args.out, region_px=region, size_px=args.window)
+    print(out)
+    return 0
+
+
+def _run_synth_sample_data(args: argparse.Namespace) -> int:
+    from histo.synthetic import generate_sample_data
+
+    with _tqdm_progress("sample data") as progress:
+        paths = generate_sample_data(args.outdir, progress=progress)
+    for path in paths:
+        print(path)
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``lungmets`` command.
+
+    Returns
+    -------
+    parser : argparse.ArgumentParser
+        The parser; each leaf subcommand stores its handler as ``handler`` in the parsed
+        namespace.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["synth", "slide", "out.ome.tif", "--group", "iav"])
+    >>> args.group, args.size
+    ('IAV', (8192, 6144))
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Find and measure lung metastases in whole-slide immunofluorescence images.",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    synth = commands.add_parser(
+        "synth",
+        help="write synthetic slides with known ground truth",
+        description="Write synthetic slides (pyramidal OME-TIFF) and their ground-truth tables.",
+    )
+    synth_commands = synth.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    slide = synth_commands.add_parser(
+        "slide",
+        help="write one synthetic slide and its truth",
+        description="Write one synthetic slide and its ground truth (cells and lesions).",
+    )
+    slide.add_argument("out", type=Path, metavar="OUT", help="the slide to write (.ome.tif)")
+    slide.add_argument(
+        "--size",
+        type=_size_px,
+        default="8192x6144",
+        metavar="WxH",
+        help="slide size in pixels at full resolution (default: %(default)s)",
+    )
+    slide.add_argument(
+        "--group",
+        type=str.upper,
+        choices=("IAV", "PBS"),
+        default="PBS",
+        help="treatment group, case-insensitive (default: %(default)s)",
+    )
+    slide.add_argument(
+        "--dpi",
+        type=_non_negative_int,
+        default=15,
+        metavar="N",
+        help="days post infection (default: %(default)s)",
+    )
+    slide.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    slide.add_argument("--no-ki67", action="store_true", help="leave out the Ki67 channel")
+    slide.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="skip the truth label masks (tables only; faster for benchmarks)",
+    )
+    slide.add_argument(
+        "--mouse-burden",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="F",
+        help="scales the number of lesions of this mouse (default: %(default)s)",
+    )
+    slide.add_argument(
+        "--pixel-size-um",
+        type=_positive_float,
+        default=0.5,
+        metavar="F",
+        help="pixel size in micrometres (default: %(default)s)",
+    )
+    slide.set_defaults(handler=_run_synth_slide)
+
+    cohort = synth_commands.add_parser(
+        "cohort",
+        help="write a synthetic cohort and its sample sheet",
+        description=(
+            "Write one slide per group, time point, mouse and section, and the sample sheet "
+            "samples.csv (columns slide, mouse, group, dpi, section)."
+        ),
+    )
+    cohort.add_argument("outdir", type=Path, metavar="OUTDIR", help="the folder to write into")
+    cohort.add_argument(
+        "--mice",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="mice per group and time point (default: %(default)s)",
+    )
+    cohort.add_argument(
+        "--sections",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="sections per mouse (default: %(default)s)",
+    )
+    cohort.add_argument(
+        "--dpi",
+        dest="dpis",
+        type=_int_list,
+        default="3,9,15,28",
+        metavar="D1,D2,...",
+        help="time points in days post infection (default: %(default)s)",
+    )
+    cohort.add_argument(
+        "--size",
+        type=_size_px,
+        default="4096x3072",
+        metavar="WxH",
+        help="slide size in pixels at full resolution (default: %(default)s)",
+    )
+    cohort.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    cohort.add_argument("--no-ki67", action="store_true", help="leave out the Ki67 channel")
+    cohort.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="skip the truth label masks (tables only; faster)",
+    )
+    cohort.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="slides written in parallel (default: %(default)s)",
+    )
+    cohort.set_defaults(handler=_run_synth_cohort)
+
+    preview = synth_commands.add_parser(
+        "preview",
+        help="draw a region of a synthetic slide beside its truth (PNG)",
+        description=(
+            "Draw a region of a synthetic slide (DAPI blue, HER2 green, Ki67 magenta) beside "
+            "its ground-truth outlines. By default the region shows a focus, a cluster and a "
+            "single cell."
+        ),
+    )
+    preview.add_argument("slide", type=Path, metavar="SLIDE", help="a slide made by synth")
+    preview.add_argument("out", type=Path, metavar="OUT", help="the PNG to write")
+    preview.add_argument(
+        "--region",
+        type=_non_negative_int,
+        nargs=3,
+        metavar=("Y0", "X0", "SIZE"),
+        default=None,
+        help="level-0 window in pixels (default: chosen to show every lesion class)",
+    )
+    preview.add_argument(
+        "--window",
+        type=_positive_int,
+        default=800,
+        metavar="PX",
+        help="size of the automatic window in pixels (default: %(default)s)",
+    )
+    preview.set_defaults(handler=_run_synth_preview)
+
+    sample_data = synth_commands.add_parser(
+        "sample-data",
+        help="write the small slides used by the tutorial",
+        description="Write the small synthetic slides used by the tutorial and napari.",
+    )
+    sample_data.add_argument(
+        "outdir",
+        type=Path,
+        nargs="?",
+        default=Path("sample_data"),
+        metavar="OUTDIR",
+        help="the folder to write into (default: %(default)s)",
+    )
+    sample_data.set_defaults(handler=_run_synth_sample_data)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lungmets`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments, without the program name; ``sys.argv[1:]`` if not given.
+
+    Returns
+    -------
+    exit_code : int
+        0 on success, 2 for bad input (:class:`histo.errors.InputError`, printed as
+        ``lungmets: error: <message>`` without a traceback), 130 if interrupted.
+
+    Raises
+    ------
+    SystemExit
+        For ``--help``, ``--version`` and usage errors, as :mod:`argparse` does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except InputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The segmentation network, its training and shipped weights."""
