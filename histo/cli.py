@@ -179,6 +179,76 @@ def _run_synth_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_analysis(args: argparse.Namespace) -> int:
+    from histo.batch import find_slides, iter_run_batch
+    from histo.config import AnalysisConfig
+
+    try:
+        config = AnalysisConfig(method=args.method, chunk_size_px=args.chunk_size)
+    except ValueError as exc:
+        raise InputError(f"bad analysis settings: {exc}") from None
+    slides = find_slides(args.slides)
+    from tqdm import tqdm
+
+    outcomes = []
+    bar = tqdm(
+        total=len(slides),
+        desc="slides",
+        unit="slide",
+        file=sys.stderr,
+        position=0,
+        dynamic_ncols=True,
+    )
+    chunks = None
+    gen = iter_run_batch(
+        slides,
+        args.out,
+        config,
+        channels=args.channels,
+        pixel_size_um=args.pixel_size_um,
+        workers=args.workers,
+        scheduler=args.scheduler,
+    )
+    try:
+        for event in gen:
+            if event.kind == "chunks":
+                if chunks is None:
+                    chunks = tqdm(
+                        total=event.total,
+                        desc="  chunks",
+                        unit="chunk",
+                        file=sys.stderr,
+                        position=1,
+                        leave=False,
+                        dynamic_ncols=True,
+                    )
+                chunks.update(event.done - chunks.n)
+            elif event.kind == "done":
+                if chunks is not None:
+                    chunks.close()
+                    chunks = None
+                outcomes.append(event.outcome)
+                if not event.outcome.ok:
+                    tqdm.write(f"{PROG}: error: {event.outcome.message}", file=sys.stderr)
+                bar.update(1)
+    finally:
+        if chunks is not None:
+            chunks.close()
+        bar.close()
+    width = max(len(Path(o.slide).name) for o in outcomes)
+    print(f"{'slide':<{width}}  status  HER2+ cells  lesions  time (s)  output")
+    for o in outcomes:
+        cells = "" if o.her2_cells is None else o.her2_cells
+        lesions = "" if o.lesions is None else o.lesions
+        print(
+            f"{Path(o.slide).name:<{width}}  {'ok' if o.ok else 'FAILED':<6}  {cells:>11}  "
+            f"{lesions:>7}  {o.seconds:>8.1f}  {o.out_dir or ''}"
+        )
+    failed = sum(not o.ok for o in outcomes)
+    print(f"{len(outcomes) - failed} of {len(outcomes)} slides analysed; results in {args.out}")
+    return 1 if failed else 0
+
+
 def _run_synth_preview(args: argparse.Namespace) -> int:
     from histo.synthetic import render_preview
 
@@ -223,6 +293,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="analyse slides: HER2+ cells, lesions, dormant cells",
+        description=(
+            "Analyse whole slides chunk by chunk and write, per slide, OUT/<slide name>/ with "
+            "lesions.csv, cells.csv and summary.json. A slide that fails is reported and the "
+            "others go on; the exit code is 1 if any slide failed."
+        ),
+    )
+    run.add_argument(
+        "slides",
+        nargs="+",
+        type=Path,
+        metavar="SLIDE",
+        help="slides (OME-TIFF, TIFF, SVS, NDPI, OME-Zarr) or folders of slides",
+    )
+    run.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for the results"
+    )
+    run.add_argument(
+        "--method",
+        choices=("classical",),
+        default="classical",
+        help="cell detector (default: %(default)s)",
+    )
+    run.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=2048,
+        metavar="PX",
+        help="chunk side in full-resolution pixels (default: %(default)s)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run on a local Dask cluster of N worker processes (default: threads in this process)",
+    )
+    run.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster, e.g. tcp://10.0.0.5:8786",
+    )
+    run.add_argument(
+        "--channels",
+        default=None,
+        metavar="MAP",
+        help="channel roles in file order (DAPI,HER2,Ki67) or by name/index "
+        "(HER2=CY5,DAPI=0); default: from the channel names",
+    )
+    run.add_argument(
+        "--pixel-size-um",
+        type=_positive_float,
+        default=None,
+        metavar="F",
+        help="full-resolution pixel size in um (default: from the metadata)",
+    )
+    run.set_defaults(handler=_run_analysis)
 
     synth = commands.add_parser(
         "synth",

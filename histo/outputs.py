@@ -73,3 +73,22 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_results(result, out_dir: str | os.PathLike) -> Path:
+    """Write an `AnalysisResult` to ``out_dir/<slide name>/``.
+
+    Writes ``cells.csv``, ``lesions.csv`` and, last, ``summary.json``: a folder with a
+    summary is complete. Returns the folder.
+    """
+    from .io import slide_name
+
+    folder = Path(out_dir) / slide_name(result.slide_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = folder / "summary.json"
+    if summary.exists():  # the old summary must not vouch for half-rewritten tables
+        summary.unlink()
+    write_csv(result.cells, folder / "cells.csv", float_format="%.4f")
+    write_csv(result.lesions, folder / "lesions.csv", float_format="%.4f")
+    write_json(result.summary, summary)
+    return folder

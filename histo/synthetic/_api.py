@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._version import __version__
-from ..io import pyramid_levels, write_ome_tiff
+from ..io import pyramid_levels, slide_name, write_ome_tiff
 from ..outputs import atomic_path, write_csv, write_json
 from ._render import render_counts, render_labels
 from ._scene import CHANNELS, LABEL_CHANNELS, SlideSpec, build_scene
@@ -23,17 +23,12 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 
-_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".zarr")
 BAND_ROWS = 1024  # rows rendered at a time (a multiple of the noise block height)
 
 
 def slide_stem(path: str | os.PathLike) -> str:
     """File name without its slide suffix (``.ome.tif``, ``.tif``, ``.svs``, ``.zarr`` ...)."""
-    name = Path(path).name
-    for suf in _SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
+    return slide_name(path)
 
 
 def truth_dir_for(slide_path: str | os.PathLike) -> Path:

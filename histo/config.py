@@ -1,0 +1,97 @@
+"""Settings of an analysis: one frozen dataclass, with defaults and their units.
+
+The CLI and the napari widgets build an `AnalysisConfig` and pass it down; no default is written
+anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+METHODS = ("classical",)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything that changes what an analysis finds.
+
+    Attributes
+    ----------
+    method : str
+        Cell detector: ``"classical"`` (nuclei from DAPI, HER2 around them).
+    chunk_size_px : int
+        Side of the square core of a chunk, in level-0 pixels.
+    halo_px : int
+        Context read around each chunk core, in level-0 pixels. Must exceed the diameter of a
+        cell so that a cell whose centre lies in the core is seen whole.
+    tissue_pixel_size_um : float
+        Pixel size of the pyramid level used for tissue detection.
+    link_distance_um : float
+        Cells closer than this (centre to centre) belong to one lesion.
+    cluster_min_cells, focus_min_cells : int
+        A lesion of 1 cell is ``single``, of ``cluster_min_cells`` to ``focus_min_cells - 1``
+        cells a ``cluster``, larger a ``focus``.
+    nucleus_sigma_um : float
+        Smoothing of DAPI before nuclei are thresholded.
+    nucleus_threshold : float
+        DAPI threshold as a fraction of the slide's typical nuclear DAPI intensity.
+    nucleus_min_area_um2 : float
+        Smaller DAPI objects are ignored.
+    nucleus_min_distance_um : float
+        Minimum distance between the centres of two touching nuclei that are split.
+    cell_ring_um : float
+        Width of the ring around a nucleus where a cell's HER2 is measured.
+    her2_min_ratio : float
+        A cell is HER2+ when the mean HER2 in its ring is at least this multiple of the tissue
+        autofluorescence ...
+    her2_pixel_ratio : float
+        ... and at least `her2_min_coverage` of its ring pixels are brighter than this multiple
+        of the autofluorescence (a red blood cell beside a nucleus lights only part of it).
+    her2_min_coverage : float
+    autofluorescence_max_ratio : float
+        Cells whose ring is bright in Ki67 (or, without Ki67, in DAPI) by more than this multiple
+        of that channel's autofluorescence are autofluorescent (macrophages), not HER2+.
+    ki67_min_ratio : float
+        A nucleus is Ki67+ when its mean Ki67 is at least this multiple of the Ki67
+        autofluorescence.
+    """
+
+    method: str = "classical"
+    chunk_size_px: int = 2048
+    halo_px: int = 64
+    tissue_pixel_size_um: float = 8.0
+    link_distance_um: float = 25.0
+    cluster_min_cells: int = 2
+    focus_min_cells: int = 5
+    nucleus_sigma_um: float = 0.5
+    nucleus_threshold: float = 0.2
+    nucleus_min_area_um2: float = 8.0
+    nucleus_min_distance_um: float = 4.0
+    cell_ring_um: float = 4.0
+    her2_min_ratio: float = 2.5
+    her2_pixel_ratio: float = 1.2
+    her2_min_coverage: float = 0.7
+    autofluorescence_max_ratio: float = 3.0
+    ki67_min_ratio: float = 4.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.chunk_size_px < 128:
+            raise ValueError(f"chunk_size_px must be at least 128, got {self.chunk_size_px}")
+        if self.halo_px < 0:
+            raise ValueError(f"halo_px must be >= 0, got {self.halo_px}")
+        if not 1 < self.cluster_min_cells < self.focus_min_cells:
+            raise ValueError("need 1 < cluster_min_cells < focus_min_cells")
+
+    def to_dict(self) -> dict:
+        """Plain dict (for summary.json)."""
+        return asdict(self)
+
+    def replace(self, **changes) -> AnalysisConfig:
+        """A copy with some fields changed (unknown names raise TypeError)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown AnalysisConfig fields: {sorted(unknown)}")
+        return replace(self, **changes)

@@ -1,0 +1,459 @@
+"""Analysis of a tile (pure) and of a whole slide (chunked, with Dask).
+
+`analyze_tile` is the one function that finds cells: a test calls it on an array, a Dask task
+calls it on a chunk, the napari widget on the current view. `iter_analyze_slide` plans the
+chunks that touch tissue, runs `analyze_tile` on each (threads, a local cluster of processes or
+an existing Dask cluster), links the cells of the whole slide into lesions and summarises.
+It is a generator that yields progress ``(done, total, message)`` and returns the result;
+`analyze_slide` drives it with an optional progress callback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._version import __version__
+from .chunks import Chunk, plan_chunks
+from .config import AnalysisConfig
+from .errors import InputError
+from .lesions import group_lesions
+from .tissue import StainLevels, stain_levels, tissue_mask, tissue_windows
+
+log = logging.getLogger(__name__)
+
+Progress = tuple[int, int, str]
+
+CELL_OUTPUT_COLUMNS = [
+    "cell_id",
+    "lesion_id",
+    "x_um",
+    "y_um",
+    "ki67_pos",
+    "her2_mean",
+    "nucleus_area_um2",
+    "cell_area_um2",
+    "her2_ratio",
+    "her2_coverage",
+    "ki67_mean",
+    "dapi_mean",
+]
+
+
+@dataclass
+class AnalysisResult:
+    """What an analysis found in one slide.
+
+    Attributes
+    ----------
+    slide_path : Path
+    cells : pandas.DataFrame
+        One row per HER2+ cell (see `CELL_OUTPUT_COLUMNS`, plus ``<channel>_mean`` for any
+        further channels).
+    lesions : pandas.DataFrame
+        One row per lesion (see `histo.lesions.LESION_COLUMNS`).
+    summary : dict
+        Counts, densities, tissue area, parameters, versions, input checksum, timings.
+    tissue_mask : ndarray of bool
+        The tissue mask at `tissue_pixel_size_um`.
+    tissue_pixel_size_um : float
+    """
+
+    slide_path: Path
+    cells: pd.DataFrame
+    lesions: pd.DataFrame
+    summary: dict
+    tissue_mask: np.ndarray = field(repr=False)
+    tissue_pixel_size_um: float = 0.0
+
+
+def analyze_tile(
+    pixels: np.ndarray,
+    origin_px: tuple[int, int],
+    config: AnalysisConfig,
+    *,
+    roles: dict[str, int],
+    stain: StainLevels,
+    pixel_size_um: float,
+    core: Chunk | None = None,
+    extra_channels: tuple[tuple[str, int], ...] = (),
+) -> pd.DataFrame:
+    """Find the HER2+ cells of one tile of level-0 pixels.
+
+    Parameters
+    ----------
+    pixels : ndarray, shape (C, Y, X)
+        Raw counts.
+    origin_px : (int, int)
+        Level-0 (row, column) of ``pixels[:, 0, 0]``.
+    config : AnalysisConfig
+    roles : dict
+        Channel indices of DAPI, HER2 and (optionally) Ki67.
+    stain : StainLevels
+        Slide-wide intensity levels (see `histo.tissue.stain_levels`).
+    pixel_size_um : float
+    core : Chunk, optional
+        Keep only cells whose centre this chunk owns (the others belong to a neighbour).
+    extra_channels : tuple of (name, index)
+
+    Returns
+    -------
+    pandas.DataFrame
+        Cells with ``x_um``, ``y_um`` (``x_um = x_px * pixel_size_um``) and measurements.
+    """
+    if config.method != "classical":
+        raise ValueError(f"unknown method {config.method!r}")
+    from .detect import detect_cells
+
+    cells = detect_cells(
+        pixels,
+        roles=roles,
+        stain=stain,
+        pixel_size_um=pixel_size_um,
+        config=config,
+        origin_px=origin_px,
+        extra_channels=extra_channels,
+    )
+    if core is not None and len(cells):
+        cells = cells[core.owns(cells["y_px"].to_numpy(), cells["x_px"].to_numpy())]
+    cells = cells.assign(x_um=cells["x_px"] * pixel_size_um, y_um=cells["y_px"] * pixel_size_um)
+    return cells.drop(columns=["x_px", "y_px"]).reset_index(drop=True)
+
+
+def _chunk_task(path, channels, pixel_size_um, chunk: Chunk, config, stain) -> pd.DataFrame:
+    """One Dask task: open the slide in this process, read a chunk, analyse it."""
+    from .io import open_slide
+
+    slide = open_slide(path, channels=channels, pixel_size_um=pixel_size_um)
+    y0, y1, x0, x1 = chunk.read
+    pixels = slide.read_region(0, y0, y1, x0, x1)
+    return analyze_tile(
+        pixels,
+        (y0, x0),
+        config,
+        roles=slide.roles,
+        stain=stain,
+        pixel_size_um=slide.pixel_size_um,
+        core=chunk,
+        extra_channels=slide.extra_channels,
+    )
+
+
+def file_checksum(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """SHA-256 of a file; for a folder (Zarr), of its file names and sizes (prefixed)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
+        return "listing-sha256:" + h.hexdigest()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float, StainLevels]:
+    """Tissue mask (at about `config.tissue_pixel_size_um`) and slide-wide stain levels.
+
+    Returns
+    -------
+    mask : ndarray of bool
+    mask_pixel_size_um : float
+    stain : StainLevels
+
+    Raises
+    ------
+    InputError
+        If the slide holds no tissue.
+    """
+    lev = slide.level_for_pixel_size(config.tissue_pixel_size_um)
+    ds = slide.downsamples[lev]
+    low = np.asarray(slide.levels[lev].compute())
+    mask_px = slide.pixel_size_um * ds
+    mask, offset = tissue_mask(low, mask_px)
+    if not mask.any():
+        raise InputError(
+            f"{slide.path}: no tissue found (the slide looks like empty glass); check that this "
+            "is the right file and that --channels names the DAPI and HER2 channels"
+        )
+    # Stain levels from windows of tissue at about 1 um/px.
+    fine = slide.level_for_pixel_size(1.0)
+    fds = slide.downsamples[fine]
+    fy, fx = slide.levels[fine].shape[1:]
+    half = 64
+    windows = []
+    for cy, cx in tissue_windows(mask):
+        y = int((cy + 0.5) * ds / fds)
+        x = int((cx + 0.5) * ds / fds)
+        y0, x0 = max(0, min(y - half, fy - 2 * half)), max(0, min(x - half, fx - 2 * half))
+        windows.append(
+            slide.read_region(fine, y0, min(fy, y0 + 2 * half), x0, min(fx, x0 + 2 * half))
+        )
+    stain = stain_levels(windows, offset, slide.roles["DAPI"])
+    return mask, mask_px, stain
+
+
+def iter_analyze_slide(
+    path: str | os.PathLike,
+    config: AnalysisConfig | None = None,
+    *,
+    channels: Sequence[str] | str | None = None,
+    pixel_size_um: float | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    threads: int | None = None,
+) -> Generator[Progress, None, AnalysisResult]:
+    """Analyse a whole slide chunk by chunk; yields progress, returns an `AnalysisResult`.
+
+    Parameters
+    ----------
+    path : path-like
+        The slide (OME-TIFF, TIFF, SVS, NDPI, OME-Zarr).
+    config : AnalysisConfig, optional
+    channels : optional
+        Channel mapping passed to `histo.io.open_slide`.
+    pixel_size_um : float, optional
+        Overrides the slide's pixel size.
+    workers : int, optional
+        Run on a `distributed.LocalCluster` of this many single-threaded worker processes.
+    scheduler : str, optional
+        Address of an existing Dask scheduler (``tcp://host:8786``) to run on.
+    threads : int, optional
+        Threads of the default local threaded scheduler (default: all cores).
+
+    Yields
+    ------
+    (done, total, message)
+
+    Returns
+    -------
+    AnalysisResult
+    """
+    from .io import open_slide
+
+    config = config or AnalysisConfig()
+    t0 = time.perf_counter()
+    slide = open_slide(path, channels=channels, pixel_size_um=pixel_size_um)
+    mask, mask_px, stain = measure_background(slide, config)
+    t_tissue = time.perf_counter() - t0
+    shape = slide.shape_px
+    chunks = plan_chunks(
+        shape,
+        config.chunk_size_px,
+        config.halo_px,
+        tissue=mask,
+        tissue_downsample=mask_px / slide.pixel_size_um,
+    )
+    n_all = len(plan_chunks(shape, config.chunk_size_px, config.halo_px))
+    yield (0, len(chunks), "chunks")
+    args = (str(slide.path), _channels_arg(channels), pixel_size_um)
+    if scheduler or workers:
+        runner = _run_distributed(args, chunks, config, stain, workers=workers, address=scheduler)
+        where = scheduler or f"LocalCluster({workers} processes)"
+    else:
+        runner = _run_threaded(args, chunks, config, stain, threads)
+        where = f"threads({threads or os.cpu_count()})"
+    parts = yield from runner
+    t_chunks = time.perf_counter() - t0 - t_tissue
+    found = [p for p in parts if len(p)]
+    cells = pd.concat(found, ignore_index=True) if found else None
+    if cells is None:
+        cells = analyze_tile(
+            np.zeros((len(slide.channel_names), 1, 1), np.uint16),
+            (0, 0),
+            config,
+            roles=slide.roles,
+            stain=stain,
+            pixel_size_um=slide.pixel_size_um,
+            extra_channels=slide.extra_channels,
+        )
+    cells, lesions = group_lesions(cells, config)
+    extra = [c for c in cells.columns if c not in CELL_OUTPUT_COLUMNS]
+    cells = cells[CELL_OUTPUT_COLUMNS + extra]
+    tissue_mm2 = float(mask.sum() * mask_px**2 * 1e-6)
+    summary = _summary(slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where)
+    summary["timings_s"] = {
+        "tissue_and_stain": round(t_tissue, 3),
+        "chunks": round(t_chunks, 3),
+        "total": round(time.perf_counter() - t0, 3),
+    }
+    return AnalysisResult(
+        slide_path=Path(path),
+        cells=cells,
+        lesions=lesions,
+        summary=summary,
+        tissue_mask=mask,
+        tissue_pixel_size_um=mask_px,
+    )
+
+
+def analyze_slide(
+    path: str | os.PathLike,
+    config: AnalysisConfig | None = None,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+    **kwargs,
+) -> AnalysisResult:
+    """Analyse a whole slide; `progress(done, total, message)` is called as chunks finish.
+
+    Takes the same arguments as `iter_analyze_slide`.
+    """
+    gen = iter_analyze_slide(path, config, **kwargs)
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(*step)
+
+
+def _channels_arg(channels):
+    if channels is None or isinstance(channels, str):
+        return channels
+    return tuple(channels)
+
+
+def _run_threaded(args, chunks, config, stain, threads):
+    """Dask's threaded scheduler, with progress from a task callback."""
+    import dask
+    from dask.callbacks import Callback
+
+    tasks = [dask.delayed(_chunk_task, pure=False)(*args, c, config, stain) for c in chunks]
+    if not tasks:
+        return []
+    done_q: queue.SimpleQueue = queue.SimpleQueue()
+    out: dict = {}
+    chunk_keys = {t.key for t in tasks}
+
+    class _Tick(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in chunk_keys:
+                done_q.put(key)
+
+    def run():
+        try:
+            with _Tick():
+                out["parts"] = dask.compute(*tasks, scheduler="threads", num_workers=threads)
+        except BaseException as exc:  # handed to the caller's thread below
+            out["error"] = exc
+        finally:
+            done_q.put(None)
+
+    th = threading.Thread(target=run, name="lungmets-chunks", daemon=True)
+    th.start()
+    done = 0
+    while done_q.get() is not None:
+        done += 1
+        yield (done, len(tasks), "chunks")
+    th.join()
+    if "error" in out:
+        raise out["error"]
+    return list(out["parts"])
+
+
+def _run_distributed(args, chunks, config, stain, *, workers=None, address=None):
+    """A dask.distributed cluster: an existing one, or a LocalCluster of processes."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if address:
+        client = Client(address)
+    else:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    try:
+        futures = [client.submit(_chunk_task, *args, c, config, stain, pure=False) for c in chunks]
+        index = {f.key: i for i, f in enumerate(futures)}
+        parts: list = [None] * len(futures)
+        for done, fut in enumerate(as_completed(futures), start=1):
+            parts[index[fut.key]] = fut.result()
+            yield (done, len(futures), "chunks")
+        return parts
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _summary(slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, where) -> dict:
+    import numpy
+    import scipy
+    import skimage
+    import tifffile
+
+    cls = lesions["class"].value_counts() if len(lesions) else pd.Series(dtype=int)
+    has_ki67 = "Ki67" in slide.roles
+    counts = {
+        "her2_cells": int(len(cells)),
+        "lesions": int(len(lesions)),
+        "single": int(cls.get("single", 0)),
+        "cluster": int(cls.get("cluster", 0)),
+        "focus": int(cls.get("focus", 0)),
+        "dormant": int(lesions["dormant"].sum())
+        if has_ki67 and len(lesions)
+        else (0 if has_ki67 else None),
+        "ki67_pos_cells": int(cells["ki67_pos"].sum()) if has_ki67 else None,
+    }
+    dens = {
+        k: (round(v / tissue_mm2, 4) if v is not None and tissue_mm2 > 0 else None)
+        for k, v in counts.items()
+    }
+    p = Path(slide.path)
+    return {
+        "slide": p.name,
+        "path": str(p.resolve()),
+        "software": {
+            "lungmets": __version__,
+            "python": platform.python_version(),
+            "numpy": numpy.__version__,
+            "scipy": scipy.__version__,
+            "scikit-image": skimage.__version__,
+            "tifffile": tifffile.__version__,
+        },
+        "method": config.method,
+        "model": None,
+        "parameters": config.to_dict(),
+        "input": {
+            "format": slide.format,
+            "size_bytes": _size_bytes(p),
+            "sha256": file_checksum(p),
+            "shape_px": [len(slide.channel_names), *slide.shape_px],
+            "pixel_size_um": slide.pixel_size_um,
+            "channels": list(slide.channel_names),
+            "roles": dict(slide.roles),
+        },
+        "tissue_area_mm2": round(tissue_mm2, 6),
+        "counts": counts,
+        "densities_per_mm2": dens,
+        "stain_levels": stain.to_dict(slide.channel_names),
+        "chunks": {
+            "analysed": n_chunks,
+            "total": n_all,
+            "size_px": config.chunk_size_px,
+            "halo_px": config.halo_px,
+        },
+        "scheduler": where,
+        "coordinates": "x_um = x_px * pixel_size_um, level-0 pixel centres at integers",
+    }
+
+
+def _size_bytes(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size

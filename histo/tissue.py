@@ -1,0 +1,176 @@
+"""Where the tissue is, how large it is, and how bright its background is.
+
+Tissue is found on a low-resolution level (about 8 um/px): glass is never analysed. The same
+pass estimates, per channel, the camera offset (the level of glass) and, on a few windows of a
+finer level, the tissue autofluorescence and the typical nuclear DAPI intensity. These
+slide-wide levels, not per-chunk statistics, set the detector's thresholds, so that a cell is
+judged the same whichever chunk it falls in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+
+@dataclass(frozen=True)
+class StainLevels:
+    """Slide-wide intensity levels, per channel of the slide (counts).
+
+    Attributes
+    ----------
+    offset : tuple of float
+        Camera offset: the level of glass.
+    autofluorescence : tuple of float
+        Typical tissue autofluorescence above the offset (alveolar walls, no nuclei).
+    nuclear : tuple of float
+        Typical intensity above the offset inside nuclei (used for DAPI).
+    """
+
+    offset: tuple[float, ...]
+    autofluorescence: tuple[float, ...]
+    nuclear: tuple[float, ...]
+
+    def to_dict(self, names) -> dict:
+        return {
+            n: {"offset": round(o, 2), "autofluorescence": round(a, 2), "nuclear": round(u, 2)}
+            for n, o, a, u in zip(
+                names, self.offset, self.autofluorescence, self.nuclear, strict=True
+            )
+        }
+
+
+def tissue_mask(
+    image: np.ndarray,
+    pixel_size_um: float,
+    *,
+    min_object_um2: float = 5000.0,
+    max_hole_um2: float = 200_000.0,
+    min_snr: float = 8.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue mask of a low-resolution (C, Y, X) image.
+
+    Glass is the darkest mode of each channel (see `glass_level`); tissue is whatever is
+    clearly brighter than glass noise, closed over the airspaces of the lung, with small specks
+    (debris) removed and holes smaller than `max_hole_um2` (alveoli, vessel lumens) filled. A
+    slide of empty glass gives an empty mask.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, Y, X)
+        A low-resolution level (block means, so glass noise is low).
+    pixel_size_um : float
+        Pixel size of `image`.
+    min_object_um2 : float
+        Smaller bright objects are debris, not tissue.
+    max_hole_um2 : float
+        Holes smaller than this are airspaces inside tissue.
+    min_snr : float
+        Tissue is brighter than glass by this many standard deviations of glass noise
+        (averaged over channels, after light smoothing).
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (Y, X)
+    offset : ndarray of float, shape (C,)
+        The glass level of each channel (camera offset).
+    """
+    img = image.astype(np.float32)
+    c = img.shape[0]
+    offset = np.zeros(c)
+    noise = np.zeros(c)
+    for i in range(c):
+        offset[i], noise[i] = glass_level(img[i])
+    # Signal-to-noise over glass, averaged over channels: glass is ~0, tissue (even the faint
+    # autofluorescence of airspaces, at this resolution) is far above it.
+    snr = ((img - offset[:, None, None]) / noise[:, None, None]).mean(axis=0)
+    snr = ndi.gaussian_filter(snr, 1.0)
+    mask = snr > min_snr
+    close_px = max(1, int(round(12.0 / pixel_size_um)))
+    mask = ndi.binary_closing(mask, iterations=close_px, border_value=0)
+    px_area = pixel_size_um**2
+    lab, n = ndi.label(mask)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        keep = sizes * px_area >= min_object_um2
+        keep[0] = False
+        mask = keep[lab]
+    holes = ndi.binary_fill_holes(mask) & ~mask
+    lab, n = ndi.label(holes)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        small = sizes * px_area < max_hole_um2
+        small[0] = False
+        mask |= small[lab]
+    return mask, offset
+
+
+def glass_level(values: np.ndarray) -> tuple[float, float]:
+    """Level and noise (standard deviation) of glass in one channel.
+
+    The glass level is the mode of the darker half of the values; its noise is estimated from
+    the values below that mode only, which tissue does not reach.
+
+    Returns
+    -------
+    level, noise : float
+    """
+    v = np.asarray(values, np.float64).ravel()
+    lo = v[v <= np.median(v)]
+    hist, edges = np.histogram(lo, bins=256)
+    k = int(np.argmax(hist))
+    level = 0.5 * (edges[k] + edges[k + 1])
+    left = level - lo[lo <= level]
+    noise = 1.4826 * float(np.median(left)) if left.size > 10 else float(lo.std())
+    # Low levels are block means rounded to integers: noise is never below rounding's.
+    return float(level), max(noise, 0.5)
+
+
+def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> StainLevels:
+    """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
+
+    Parameters
+    ----------
+    windows : list of ndarray, each (C, Y, X)
+        Tissue regions (a few hundred um each) from a level of about 1 um/px.
+    offset : ndarray, shape (C,)
+        Glass level per channel, from `tissue_mask`.
+    dapi : int
+        Index of the DAPI channel.
+
+    Returns
+    -------
+    StainLevels
+    """
+    c = len(offset)
+    pix = np.concatenate([w.reshape(c, -1) for w in windows], axis=1).astype(np.float32)
+    pix -= offset[:, None].astype(np.float32)
+    d = pix[dapi]
+    nuclear_dapi = float(np.percentile(d, 99.0))
+    # Tissue that is neither nucleus nor airspace: the alveolar walls' autofluorescence.
+    not_nuclear = d < 0.15 * nuclear_dapi
+    af, nuc = [], []
+    for i in range(c):
+        v = pix[i][not_nuclear]
+        # Lung tissue is dark airspace and bright alveolar walls: split the two modes (Otsu on
+        # log intensity, so the split does not depend on exposure) and take the walls' median.
+        lv = np.log1p(np.clip(v, 0, None))
+        lit = v[lv > threshold_otsu(lv)] if np.ptp(lv) > 0 else v
+        af.append(max(float(np.median(lit)) if lit.size else 1.0, 1.0))
+        nuc.append(float(np.percentile(pix[i], 99.0)))
+    return StainLevels(
+        offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)
+    )
+
+
+def tissue_windows(mask: np.ndarray, n: int = 24, seed: int = 0) -> np.ndarray:
+    """Centres (row, col) in mask pixels of up to `n` windows spread over the tissue."""
+    ys, xs = np.nonzero(ndi.binary_erosion(mask, iterations=2) if mask.sum() > 50 else mask)
+    if ys.size == 0:
+        return np.zeros((0, 2), int)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(ys.size, size=min(n, ys.size), replace=False)
+    return np.c_[ys[pick], xs[pick]]
