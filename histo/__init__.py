@@ -10,6 +10,16 @@ loads no NumPy, pandas or torch until a function that needs them is called.
 
 Public API
 ----------
+open_slide, Slide
+    Open a whole-slide image lazily (OME-TIFF, TIFF, SVS, NDPI, OME-Zarr).
+AnalysisConfig
+    Every setting of an analysis, with its default and unit.
+analyze_tile
+    Find HER2+ cells in one array of pixels.
+analyze_slide, iter_analyze_slide, AnalysisResult
+    Analyse a whole slide chunk by chunk (threads, processes or a Dask cluster).
+write_results
+    Write an analysis to ``<out>/<slide name>/`` (cells.csv, lesions.csv, summary.json).
 generate_slide
     Write one synthetic slide and its ground truth.
 generate_cohort
@@ -28,23 +38,43 @@ from typing import TYPE_CHECKING, Any
 from histo._version import __version__
 
 if TYPE_CHECKING:
+    from histo.config import AnalysisConfig
     from histo.errors import InputError
+    from histo.io import Slide, open_slide
+    from histo.outputs import write_results
+    from histo.pipeline import AnalysisResult, analyze_slide, analyze_tile, iter_analyze_slide
     from histo.synthetic import generate_cohort, generate_sample_data, generate_slide
 
 # Public name -> module that defines it; imported by ``__getattr__`` on first access.
 _LAZY_ATTRIBUTES = {
+    "AnalysisConfig": "histo.config",
+    "AnalysisResult": "histo.pipeline",
     "InputError": "histo.errors",
+    "Slide": "histo.io",
+    "analyze_slide": "histo.pipeline",
+    "analyze_tile": "histo.pipeline",
+    "iter_analyze_slide": "histo.pipeline",
+    "open_slide": "histo.io",
+    "write_results": "histo.outputs",
     "generate_cohort": "histo.synthetic",
     "generate_sample_data": "histo.synthetic",
     "generate_slide": "histo.synthetic",
 }
 
 __all__ = [
+    "AnalysisConfig",
+    "AnalysisResult",
     "InputError",
+    "Slide",
     "__version__",
+    "analyze_slide",
+    "analyze_tile",
     "generate_cohort",
     "generate_sample_data",
     "generate_slide",
+    "iter_analyze_slide",
+    "open_slide",
+    "write_results",
 ]
 
 

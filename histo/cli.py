@@ -249,6 +249,27 @@ def _run_analysis(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _run_cluster_slurm(args: argparse.Namespace) -> int:
+    from histo.cluster import slurm_cluster
+
+    cluster = slurm_cluster(cores=args.cores, memory=args.memory, walltime=args.walltime,
+                            queue=args.queue, account=args.account,
+                            job_extra_directives=args.sbatch)
+    try:
+        if args.print_job_script:
+            print(cluster.job_script())
+            return 0
+        cluster.scale(jobs=args.jobs)
+        print(f"Dask scheduler: {cluster.scheduler_address}")
+        print(f"Run, from another shell: {PROG} run SLIDES... --out DIR "
+              f"--scheduler {cluster.scheduler_address}")
+        print("Press Ctrl-C to stop the cluster and cancel its jobs.")
+        while True:
+            time.sleep(3600)
+    finally:
+        cluster.close()
+
+
 def _run_synth_preview(args: argparse.Namespace) -> int:
     from histo.synthetic import render_preview
 
@@ -354,6 +375,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="full-resolution pixel size in um (default: from the metadata)",
     )
     run.set_defaults(handler=_run_analysis)
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="start a Dask cluster for `lungmets run --scheduler`",
+        description="Start a Dask cluster whose workers run as batch jobs.",
+    )
+    cluster_commands = cluster.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    slurm = cluster_commands.add_parser(
+        "slurm",
+        help="workers as SLURM jobs (needs dask-jobqueue)",
+        description=(
+            "Start a Dask scheduler here and submit SLURM jobs that run its workers (one "
+            "single-threaded worker per core). Prints the address for `lungmets run "
+            "--scheduler`; runs until Ctrl-C."
+        ),
+    )
+    slurm.add_argument("--jobs", type=_positive_int, default=2, metavar="N",
+                       help="SLURM jobs to submit (default: %(default)s)")
+    slurm.add_argument("--cores", type=_positive_int, default=8, metavar="N",
+                       help="cores (= workers) per job (default: %(default)s)")
+    slurm.add_argument("--memory", default="32GB", help="memory per job (default: %(default)s)")
+    slurm.add_argument("--walltime", default="02:00:00",
+                       help="time limit per job (default: %(default)s)")
+    slurm.add_argument("--queue", default=None, help="SLURM partition")
+    slurm.add_argument("--account", default=None, help="SLURM account")
+    slurm.add_argument("--sbatch", action="append", default=None, metavar="DIRECTIVE",
+                       help="extra #SBATCH directive, e.g. --sbatch=--gres=gpu:1 (repeatable)")
+    slurm.add_argument("--print-job-script", action="store_true",
+                       help="print the job script that would be submitted, and exit")
+    slurm.set_defaults(handler=_run_cluster_slurm)
 
     synth = commands.add_parser(
         "synth",

@@ -63,7 +63,6 @@ def segment_nuclei(
     -------
     ndarray of int32, shape (Y, X)
     """
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     sm = ndi.gaussian_filter(dapi, config.nucleus_sigma_um / pixel_size_um)
@@ -80,10 +79,10 @@ def segment_nuclei(
     dist = ndi.distance_transform_edt(mask)
     dist = ndi.gaussian_filter(dist, 2.0)
     md = max(1, int(round(config.nucleus_min_distance_um / pixel_size_um)))
-    lab, _ = ndi.label(mask)
-    peaks = peak_local_max(dist, min_distance=md, labels=lab, exclude_border=False)
-    markers = np.zeros(dist.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # One marker per local maximum of the distance map (a plateau counts once): the centres of
+    # touching nuclei, at least `md` pixels apart.
+    peaks = (dist >= ndi.maximum_filter(dist, size=2 * md + 1) - 1e-6) & mask & (dist >= 1.0)
+    markers, _ = ndi.label(peaks)
     return watershed(-dist, markers, mask=mask).astype(np.int32)
 
 

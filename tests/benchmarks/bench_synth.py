@@ -13,34 +13,13 @@ into BENCHMARKS.md between the ``synth`` markers.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-START, END = "<!-- bench_synth:start -->", "<!-- bench_synth:end -->"
-
-_CHILD = """
-import resource, subprocess, sys, time
-t = time.perf_counter()
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
-dt = time.perf_counter() - t
-print(rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
-
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd` in a fresh process; return (seconds, peak RSS in GB)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, *cmd], capture_output=True, text=True, check=True
-    ).stdout.split()
-    if out[0] != "0":
-        raise RuntimeError(f"{cmd} failed with exit code {out[0]}")
-    return float(out[1]), int(out[2]) / 1024**2
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, measure, write_section  # noqa: E402
 
 
 def decode_seconds(path: Path) -> float:
@@ -79,7 +58,7 @@ def main() -> None:
                 ]
                 if not labels:
                     cmd.append("--no-labels")
-                seconds, peak_gb = measure(cmd)
+                seconds, peak_gb, _ = measure(cmd)
                 w, h = (int(v) for v in size.split("x"))
                 rows.append(
                     (
@@ -94,9 +73,7 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     lines = [
-        START,
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-        f" ({time.strftime('%Y-%m-%d')}).",
+        machine_line(),
         "Command: `python3 tests/benchmarks/bench_synth.py --write`"
         " (infected lung, dpi 15, seed 1).",
         "",
@@ -108,17 +85,9 @@ def main() -> None:
         lines.append(
             f"| {size} | {lab} | {sec:.1f} | {gb:.2f} | {mb:.0f} | {dec:.1f} | {mpx / sec:.2f} |"
         )
-    lines.append(END)
-    table = "\n".join(lines)
-    print(table)
+    print("\n".join(lines))
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        if START in text:
-            text = text[: text.index(START)] + table + text[text.index(END) + len(END) :]
-        else:
-            text = text.rstrip() + "\n\n## Synthetic slide generator\n\n" + table + "\n"
-        path.write_text(text)
+        write_section("bench_synth", "Synthetic slide generator", lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""Shared helpers of the benchmark scripts: measuring a command, writing BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs a command as its child and reports its exit code, wall time and peak resident memory.
+_CHILD = """
+import resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+dt = time.perf_counter() - t
+print(rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def measure(cmd: list[str], limit_gb: float | None = None) -> tuple[float | None, float, int]:
+    """Run `cmd` in a fresh process: (seconds, or None if it failed; peak RSS in GB; exit code).
+
+    With `limit_gb`, the command runs under that address-space limit (``prlimit --as``).
+    """
+    pre = ["prlimit", f"--as={int(limit_gb * 1024**3)}"] if limit_gb else []
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, *pre, *cmd], capture_output=True, text=True, check=True
+    ).stdout.split()
+    rc, seconds, rss = int(out[0]), float(out[1]), int(out[2]) / 1024**2
+    return (seconds if rc == 0 else None), rss, rc
+
+
+def machine_line() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GB, Python "
+        f"{platform.python_version()} ({time.strftime('%Y-%m-%d')})."
+    )
+
+
+def write_section(key: str, title: str, lines: list[str]) -> str:
+    """Put `lines` into BENCHMARKS.md between the markers of `key` (a new section if absent)."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    table = "\n".join([start, *lines, end])
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text:
+        text = text[: text.index(start)] + table + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + table + "\n"
+    path.write_text(text)
+    return table

@@ -1,0 +1,123 @@
+"""Accuracy of the detectors against the generator's truth on held-out slides.
+
+Run on demand (never in CI)::
+
+    python3 tests/benchmarks/bench_accuracy.py [--size 4096x3072] [--write]
+
+The slides use generator seeds 90001+ (never used for tuning or training), infected and control
+lungs at several days post infection, with and without the Ki67 channel. Lesions are matched
+by centroid within 6 um (half the lesion radius for large foci) and must have the same class;
+cells within 5 um. Counts are pooled over all slides. ``--write`` puts the table into
+BENCHMARKS.md between the ``bench_accuracy`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from histo.config import AnalysisConfig
+from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
+from histo.pipeline import analyze_slide
+from histo.synthetic import generate_slide
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, write_section  # noqa: E402
+
+HELD_OUT = [  # (group, dpi, ki67)
+    ("IAV", 9, True),
+    ("IAV", 15, True),
+    ("IAV", 28, True),
+    ("IAV", 15, False),
+    ("PBS", 15, True),
+    ("PBS", 28, False),
+]
+
+
+def _f1(tp, n_pred, n_truth):
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_truth if n_truth else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="4096x3072")
+    ap.add_argument("--methods", default="classical")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    w, h = (int(v) for v in args.size.split("x"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        slides = []
+        for i, (group, dpi, ki67) in enumerate(HELD_OUT):
+            s = generate_slide(
+                Path(tmp) / f"held_{i}.ome.tif",
+                size_px=(w, h),
+                group=group,
+                dpi=dpi,
+                seed=90001 + i,
+                ki67=ki67,
+                labels=False,
+            )
+            slides.append(s)
+        for method in args.methods.split(","):
+            lesion_tot = {c: [0, 0, 0] for c in (*CLASSES, "all")}
+            cell_tot = [0, 0, 0]
+            n_pred = n_truth = ki_pred = ki_truth = 0
+            t0 = time.perf_counter()
+            for s in slides:
+                r = analyze_slide(s.path, AnalysisConfig(method=method))
+                le = evaluate_lesions(r.lesions, s.lesions)
+                for c in lesion_tot:
+                    lesion_tot[c][0] += int(le.loc[c, "tp"])
+                    lesion_tot[c][1] += int(le.loc[c, "n_pred"])
+                    lesion_tot[c][2] += int(le.loc[c, "n_truth"])
+                ce = evaluate_cells(r.cells, s.cells)
+                cell_tot[0] += ce["tp"]
+                cell_tot[1] += ce["n_pred"]
+                cell_tot[2] += ce["n_truth"]
+                n_pred += len(r.cells)
+                n_truth += len(s.cells)
+                if s.meta["spec"]["ki67"]:
+                    ki_pred += int(r.cells["ki67_pos"].sum())
+                    ki_truth += int(s.cells["ki67_pos"].sum())
+            seconds = time.perf_counter() - t0
+            row = {"method": method}
+            for c, (tp, npred, ntruth) in lesion_tot.items():
+                p, rc, f = _f1(tp, npred, ntruth)
+                row[f"{c} P/R/F1 (n)"] = f"{p:.3f} / {rc:.3f} / {f:.3f} ({ntruth})"
+            p, rc, f = _f1(*cell_tot)
+            row["HER2+ cells P/R/F1"] = f"{p:.3f} / {rc:.3f} / {f:.3f}"
+            row["HER2+ count error"] = f"{(n_pred - n_truth) / n_truth:+.1%}"
+            row["Ki67+ count error"] = f"{(ki_pred - ki_truth) / max(ki_truth, 1):+.1%}"
+            row["time (s)"] = f"{seconds:.0f}"
+            rows.append(row)
+            print(row, flush=True)
+    df = pd.DataFrame(rows).set_index("method").T
+    lines = [
+        machine_line(),
+        f"Command: `python3 tests/benchmarks/bench_accuracy.py --size {args.size} --write`; "
+        f"{len(HELD_OUT)} held-out slides (seeds 90001-{90000 + len(HELD_OUT)}): "
+        + ", ".join(f"{g} d{d}{'' if k else ' no Ki67'}" for g, d, k in HELD_OUT)
+        + ".",
+        "",
+        "| | " + " | ".join(df.columns) + " |",
+        "| --- |" + " --- |" * len(df.columns),
+        *(
+            "| " + idx + " | " + " | ".join(str(v) for v in vals) + " |"
+            for idx, vals in zip(df.index, df.to_numpy(), strict=True)
+        ),
+    ]
+    print("\n".join(lines))
+    if args.write:
+        write_section("bench_accuracy", "Detector accuracy", lines)
+
+
+if __name__ == "__main__":
+    main()
