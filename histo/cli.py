@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from histo._version import __version__
+from histo.config import METHODS, AnalysisConfig
 from histo.errors import InputError
+
+_DEFAULTS = AnalysisConfig()  # the one source of default settings (histo.config is light)
 
 __all__ = ["build_parser", "main"]
 
@@ -184,7 +187,13 @@ def _run_analysis(args: argparse.Namespace) -> int:
     from histo.config import AnalysisConfig
 
     try:
-        config = AnalysisConfig(method=args.method, chunk_size_px=args.chunk_size)
+        config = AnalysisConfig(
+            method=args.method,
+            chunk_size_px=args.chunk_size,
+            device=args.device,
+            screen=args.screen,
+            model_path=None if args.model is None else str(args.model),
+        )
     except ValueError as exc:
         raise InputError(f"bad analysis settings: {exc}") from None
     slides = find_slides(args.slides)
@@ -252,22 +261,53 @@ def _run_analysis(args: argparse.Namespace) -> int:
 def _run_cluster_slurm(args: argparse.Namespace) -> int:
     from histo.cluster import slurm_cluster
 
-    cluster = slurm_cluster(cores=args.cores, memory=args.memory, walltime=args.walltime,
-                            queue=args.queue, account=args.account,
-                            job_extra_directives=args.sbatch)
+    cluster = slurm_cluster(
+        cores=args.cores,
+        memory=args.memory,
+        walltime=args.walltime,
+        queue=args.queue,
+        account=args.account,
+        job_extra_directives=args.sbatch,
+    )
     try:
         if args.print_job_script:
             print(cluster.job_script())
             return 0
         cluster.scale(jobs=args.jobs)
         print(f"Dask scheduler: {cluster.scheduler_address}")
-        print(f"Run, from another shell: {PROG} run SLIDES... --out DIR "
-              f"--scheduler {cluster.scheduler_address}")
+        print(
+            f"Run, from another shell: {PROG} run SLIDES... --out DIR "
+            f"--scheduler {cluster.scheduler_address}"
+        )
         print("Press Ctrl-C to stop the cluster and cancel its jobs.")
         while True:
             time.sleep(3600)
     finally:
         cluster.close()
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, run_training
+
+    if args.out.suffix != ".pt":
+        raise InputError(
+            f"{args.out}: a model is saved as a .pt file (its config goes beside "
+            f"it as .json); give a name like {args.out.stem}.pt"
+        )
+    config = TrainConfig(steps=args.steps, seed=args.seed)
+    with _tqdm_progress("training") as progress:
+        path = run_training(
+            args.out,
+            data_dir=args.data,
+            config=config,
+            slides=args.slides,
+            init_model=args.from_model,
+            progress=progress,
+        )
+    print(f"model:  {path}")
+    print(f"config: {path.with_suffix('.json')}")
+    print(f"use it: {PROG} run SLIDES... --method unet --model {path}")
+    return 0
 
 
 def _run_synth_preview(args: argparse.Namespace) -> int:
@@ -336,14 +376,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--method",
-        choices=("classical",),
-        default="classical",
-        help="cell detector (default: %(default)s)",
+        choices=METHODS,
+        default=_DEFAULTS.method,
+        help="cell detector: the segmentation network or the classical one (default: %(default)s)",
+    )
+    run.add_argument(
+        "--device",
+        default=_DEFAULTS.device,
+        metavar="DEVICE",
+        help="where the network runs: auto, cpu, cuda, cuda:N, mps (default: %(default)s; "
+        "an absent GPU falls back to the CPU with a message)",
+    )
+    run.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a fine-tuned model (.pt with its .json); default: the shipped one",
+    )
+    run.add_argument(
+        "--screen",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the network only where HER2 is above autofluorescence (default: on)",
     )
     run.add_argument(
         "--chunk-size",
         type=_positive_int,
-        default=2048,
+        default=_DEFAULTS.chunk_size_px,
         metavar="PX",
         help="chunk side in full-resolution pixels (default: %(default)s)",
     )
@@ -376,6 +436,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run_analysis)
 
+    train = commands.add_parser(
+        "train",
+        help="train (or fine-tune) the segmentation network",
+        description=(
+            "Train the U-Net on slides from the synthetic generator, or fine-tune a model on "
+            "your own annotated slides (each with a <name>.truth/ folder holding cells.csv and "
+            "labels.ome.tif, the generator's format). Writes OUT.pt and OUT.json."
+        ),
+    )
+    train.add_argument("out", type=Path, metavar="OUT", help="the model to write (.pt)")
+    train.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=3000,
+        metavar="N",
+        help="optimisation steps (default: %(default)s)",
+    )
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--data",
+        type=Path,
+        default=Path("lungmets_training_data"),
+        metavar="DIR",
+        help="cache of generated training slides (default: %(default)s)",
+    )
+    train.add_argument(
+        "--slides",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="SLIDE",
+        help="annotated slides to train on instead of generated ones",
+    )
+    train.add_argument(
+        "--from-model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="start from this model (fine-tuning), e.g. the shipped one",
+    )
+    train.set_defaults(handler=_run_train)
+
     cluster = commands.add_parser(
         "cluster",
         help="start a Dask cluster for `lungmets run --scheduler`",
@@ -391,19 +493,38 @@ def build_parser() -> argparse.ArgumentParser:
             "--scheduler`; runs until Ctrl-C."
         ),
     )
-    slurm.add_argument("--jobs", type=_positive_int, default=2, metavar="N",
-                       help="SLURM jobs to submit (default: %(default)s)")
-    slurm.add_argument("--cores", type=_positive_int, default=8, metavar="N",
-                       help="cores (= workers) per job (default: %(default)s)")
+    slurm.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="SLURM jobs to submit (default: %(default)s)",
+    )
+    slurm.add_argument(
+        "--cores",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="cores (= workers) per job (default: %(default)s)",
+    )
     slurm.add_argument("--memory", default="32GB", help="memory per job (default: %(default)s)")
-    slurm.add_argument("--walltime", default="02:00:00",
-                       help="time limit per job (default: %(default)s)")
+    slurm.add_argument(
+        "--walltime", default="02:00:00", help="time limit per job (default: %(default)s)"
+    )
     slurm.add_argument("--queue", default=None, help="SLURM partition")
     slurm.add_argument("--account", default=None, help="SLURM account")
-    slurm.add_argument("--sbatch", action="append", default=None, metavar="DIRECTIVE",
-                       help="extra #SBATCH directive, e.g. --sbatch=--gres=gpu:1 (repeatable)")
-    slurm.add_argument("--print-job-script", action="store_true",
-                       help="print the job script that would be submitted, and exit")
+    slurm.add_argument(
+        "--sbatch",
+        action="append",
+        default=None,
+        metavar="DIRECTIVE",
+        help="extra #SBATCH directive, e.g. --sbatch=--gres=gpu:1 (repeatable)",
+    )
+    slurm.add_argument(
+        "--print-job-script",
+        action="store_true",
+        help="print the job script that would be submitted, and exit",
+    )
     slurm.set_defaults(handler=_run_cluster_slurm)
 
     synth = commands.add_parser(
@@ -584,6 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         return args.handler(args)
     except InputError as error:

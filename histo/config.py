@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-METHODS = ("classical",)
+METHODS = ("classical", "unet")
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,28 @@ class AnalysisConfig:
     Attributes
     ----------
     method : str
-        Cell detector: ``"classical"`` (nuclei from DAPI, HER2 around them).
+        Cell detector: ``"classical"`` (nuclei from DAPI, HER2 around them) or ``"unet"``
+        (the segmentation network of ``models``).
+    model_path : str, optional
+        Weights of the network (default: the shipped model).
+    device : str
+        Where the network runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    batch_size : int
+        Network tiles per forward pass.
+    screen : bool
+        Run the network only where HER2 is clearly above the autofluorescence.
+    screen_her2_ratio : float
+        The screen's threshold (HER2 over autofluorescence, averaged over 9 um).
+    screen_margin_um : float
+        How far around screened-in signal the network looks.
+    torch_threads : int
+        CPU threads of the network per task (0: all cores divided among the parallel tasks).
     chunk_size_px : int
         Side of the square core of a chunk, in level-0 pixels.
     halo_px : int
         Context read around each chunk core, in level-0 pixels. Must exceed the diameter of a
-        cell so that a cell whose centre lies in the core is seen whole.
+        cell so that a cell whose centre lies in the core is seen whole. With the network, the
+        model's own halo (its receptive field, ``halo_um`` in its config) is used if larger.
     tissue_pixel_size_um : float
         Pixel size of the pyramid level used for tissue detection.
     link_distance_um : float
@@ -56,7 +72,14 @@ class AnalysisConfig:
         autofluorescence.
     """
 
-    method: str = "classical"
+    method: str = "unet"
+    model_path: str | None = None
+    device: str = "auto"
+    batch_size: int = 4
+    screen: bool = True
+    screen_her2_ratio: float = 1.5
+    screen_margin_um: float = 8.0
+    torch_threads: int = 0
     chunk_size_px: int = 2048
     halo_px: int = 64
     tissue_pixel_size_um: float = 8.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import queue
@@ -112,11 +113,12 @@ def analyze_tile(
     pandas.DataFrame
         Cells with ``x_um``, ``y_um`` (``x_um = x_px * pixel_size_um``) and measurements.
     """
-    if config.method != "classical":
-        raise ValueError(f"unknown method {config.method!r}")
-    from .detect import detect_cells
+    if config.method == "unet":
+        from .network import detect_cells_unet as detect
+    else:
+        from .detect import detect_cells as detect
 
-    cells = detect_cells(
+    cells = detect(
         pixels,
         roles=roles,
         stain=stain,
@@ -250,6 +252,13 @@ def iter_analyze_slide(
     mask, mask_px, stain = measure_background(slide, config)
     t_tissue = time.perf_counter() - t0
     shape = slide.shape_px
+    if config.method == "unet":
+        from models import model_config
+
+        halo_um = float(model_config(config.model_path).get("halo_um", 0.0))
+        config = config.replace(
+            halo_px=max(config.halo_px, math.ceil(halo_um / slide.pixel_size_um))
+        )
     chunks = plan_chunks(
         shape,
         config.chunk_size_px,
@@ -260,6 +269,15 @@ def iter_analyze_slide(
     n_all = len(plan_chunks(shape, config.chunk_size_px, config.halo_px))
     yield (0, len(chunks), "chunks")
     args = (str(slide.path), _channels_arg(channels), pixel_size_um)
+    if config.method == "unet" and config.torch_threads == 0:
+        # Parallel tasks share the cores: one torch thread per worker process, and the cores
+        # divided among the threads of the local scheduler.
+        per_task = (
+            1
+            if (scheduler or workers)
+            else max(1, (os.cpu_count() or 1) // (threads or os.cpu_count() or 1))
+        )
+        config = config.replace(torch_threads=per_task)
     if scheduler or workers:
         runner = _run_distributed(args, chunks, config, stain, workers=workers, address=scheduler)
         where = scheduler or f"LocalCluster({workers} processes)"
@@ -427,7 +445,7 @@ def _summary(slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, 
             "tifffile": tifffile.__version__,
         },
         "method": config.method,
-        "model": None,
+        "model": _model_info(config),
         "parameters": config.to_dict(),
         "input": {
             "format": slide.format,
@@ -450,6 +468,22 @@ def _summary(slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, 
         },
         "scheduler": where,
         "coordinates": "x_um = x_px * pixel_size_um, level-0 pixel centres at integers",
+    }
+
+
+def _model_info(config) -> dict | None:
+    if config.method != "unet":
+        return None
+    from models import DEFAULT_MODEL, model_config
+
+    cfg = model_config(config.model_path)
+    return {
+        "name": cfg.get("name"),
+        "path": str(config.model_path or DEFAULT_MODEL),
+        "sha256": cfg.get("sha256"),
+        "input_um_per_px": cfg.get("input_um_per_px"),
+        "device": config.device,
+        "screen": config.screen,
     }
 
 

@@ -1,1 +1,115 @@
-"""The segmentation network, its training and shipped weights."""
+"""The segmentation network, its training and its shipped weights.
+
+``load_model()`` returns the shipped U-Net (``weights/lungmets_unet_v1.pt`` and the JSON config
+beside it, which rebuilds the network and names its input resolution and normalisation);
+``load_model(path)`` loads a user's fine-tuned model saved by `models.train.save_model`.
+Weights are plain tensors loaded with ``torch.load(..., weights_only=True)``: no pickled code
+is ever run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = WEIGHTS_DIR / "lungmets_unet_v1.pt"
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "model_config"]
+
+
+class LoadedModel:
+    """A network ready for inference, with its config (``config['input_um_per_px']`` ...)."""
+
+    def __init__(self, net, config: dict, path: Path, device):
+        self.net = net
+        self.config = config
+        self.path = path
+        self.device = device
+
+    @property
+    def sha256(self) -> str:
+        return self.config["sha256"]
+
+    @property
+    def depth(self) -> int:
+        return self.net.depth
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.path.name}, device={self.device}, sha256={self.sha256[:12]})"
+
+
+def model_config(path: str | Path | None = None) -> dict:
+    """The JSON config beside a weights file (no torch needed)."""
+    from histo.errors import InputError
+
+    path = Path(path) if path else DEFAULT_MODEL
+    cfg_path = path.with_suffix(".json")
+    if not path.exists():
+        raise InputError(f"{path}: no such model file; check --model")
+    if not cfg_path.exists():
+        raise InputError(
+            f"{path}: its config {cfg_path.name} is missing; a lungmets model is a .pt file with a "
+            ".json beside it, as written by `lungmets train`"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{cfg_path}: not valid JSON ({exc}); re-save the model") from None
+    if cfg.get("format") != "lungmets-model/1":
+        raise InputError(
+            f"{cfg_path}: not a lungmets model config (format "
+            f"{cfg.get('format')!r}, expected 'lungmets-model/1')"
+        )
+    return cfg
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a model (default: the shipped one) onto a device, checking its SHA-256.
+
+    Raises
+    ------
+    histo.InputError
+        If the file is missing, corrupt, altered (checksum), or not a lungmets model.
+    """
+    path = Path(path).resolve() if path else DEFAULT_MODEL
+    from .infer import resolve_device
+
+    dev = resolve_device(device)
+    return _load(str(path), str(dev))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path_str: str, device: str) -> LoadedModel:
+    import torch
+
+    from histo.errors import InputError
+
+    from .unet import UNet
+
+    path = Path(path_str)
+    cfg = model_config(path)
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != cfg.get("sha256"):
+        raise InputError(
+            f"{path}: SHA-256 {sha[:16]}... does not match its config "
+            f"({str(cfg.get('sha256'))[:16]}...); the file is corrupt or was changed: reinstall "
+            "lungmets or re-save the model"
+        )
+    arch = cfg.get("architecture", {})
+    if arch.get("class") != "UNet":
+        raise InputError(f"{path}: unknown architecture {arch.get('class')!r}")
+    net = UNet(**{k: v for k, v in arch.items() if k != "class"})
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except Exception as exc:  # torch raises many types for bad files
+        raise InputError(
+            f"{path}: cannot load the weights ({type(exc).__name__}: {exc}); the "
+            "file does not fit its config: re-save the model"
+        ) from None
+    net.eval().to(device)
+    return LoadedModel(net, cfg, path, torch.device(device))

@@ -45,10 +45,47 @@ def _f1(tp, n_pred, n_truth):
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
+def _perturbed(s, name: str, tmp: Path):
+    """A copy of slide `s` with HER2 and DAPI scaled (``scaleF``) or its noise doubled."""
+    import dataclasses
+
+    import numpy as np
+    import tifffile
+
+    from histo.io import pyramid_levels, write_ome_tiff
+
+    img = tifffile.imread(s.path).astype(np.float32)
+    off = s.meta["stain"]["offset"]
+    if name.startswith("scale"):
+        f = float(name[5:])
+        img[:2] = off + (img[:2] - off) * f
+    elif name == "noise2":
+        rng = np.random.default_rng(0)
+        read = s.meta["stain"]["read_noise"]
+        sd = np.sqrt(np.clip(img - off, 0, None) / 1.8 + read**2)
+        img += rng.normal(0, 1, img.shape).astype(np.float32) * sd
+    else:
+        raise ValueError(name)
+    out = tmp / f"{s.path.name[:-8]}_{name}.ome.tif"
+    data = np.clip(np.rint(img), 0, 65535).astype(np.uint16)
+    write_ome_tiff(
+        out,
+        pyramid_levels(data),
+        channel_names=s.meta["channels"],
+        pixel_size_um=s.meta["pixel_size_um"],
+    )
+    return dataclasses.replace(s, path=out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="4096x3072")
-    ap.add_argument("--methods", default="classical")
+    ap.add_argument("--methods", default="classical,unet")
+    ap.add_argument(
+        "--perturb",
+        default="none,scale0.5,scale2,noise2",
+        help="robustness variants: HER2 and DAPI scaled, or noise doubled",
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
@@ -66,12 +103,18 @@ def main() -> None:
                 labels=False,
             )
             slides.append(s)
-        for method in args.methods.split(","):
+        variants = {}
+        for name in args.perturb.split(","):
+            variants[name] = (
+                slides if name == "none" else [_perturbed(s, name, Path(tmp)) for s in slides]
+            )
+        for name, method in [(v, m) for v in variants for m in args.methods.split(",")]:
+            slides_v = variants[name]
             lesion_tot = {c: [0, 0, 0] for c in (*CLASSES, "all")}
             cell_tot = [0, 0, 0]
             n_pred = n_truth = ki_pred = ki_truth = 0
             t0 = time.perf_counter()
-            for s in slides:
+            for s in slides_v:
                 r = analyze_slide(s.path, AnalysisConfig(method=method))
                 le = evaluate_lesions(r.lesions, s.lesions)
                 for c in lesion_tot:
@@ -88,7 +131,7 @@ def main() -> None:
                     ki_pred += int(r.cells["ki67_pos"].sum())
                     ki_truth += int(s.cells["ki67_pos"].sum())
             seconds = time.perf_counter() - t0
-            row = {"method": method}
+            row = {"method": f"{method} ({name})" if name != "none" else method}
             for c, (tp, npred, ntruth) in lesion_tot.items():
                 p, rc, f = _f1(tp, npred, ntruth)
                 row[f"{c} P/R/F1 (n)"] = f"{p:.3f} / {rc:.3f} / {f:.3f} ({ntruth})"

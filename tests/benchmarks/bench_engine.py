@@ -86,7 +86,19 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             dec = measure([py, "-c", _DECODE, str(slide)])
-            run = measure([py, "-m", "histo", "run", str(slide), "--out", str(Path(tmp) / "out")])
+            run = measure(
+                [
+                    py,
+                    "-m",
+                    "histo",
+                    "run",
+                    str(slide),
+                    "--out",
+                    str(Path(tmp) / "out"),
+                    "--method",
+                    "classical",
+                ]
+            )
             naive = measure([py, "-c", _NAIVE, str(slide)], limit_gb=args.naive_limit_gb)
             rows.append((size, dec, run, naive))
             print(size, dec, run, naive, flush=True)

@@ -17,15 +17,23 @@ from histo.synthetic import generate_slide
 
 
 def lungmets(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "histo", *map(str, args)], capture_output=True,
-                          text=True, check=False, cwd=cwd)
+    if args[0] == "run" and "--method" not in args:
+        args = (*args, "--method", "classical")  # fast; the network has its own tests
+    return subprocess.run(
+        [sys.executable, "-m", "histo", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
-    return generate_slide(d / "good.ome.tif", size_px=(1280, 1024), group="IAV", dpi=15, seed=41,
-                          labels=False)
+    return generate_slide(
+        d / "good.ome.tif", size_px=(1280, 1024), group="IAV", dpi=15, seed=41, labels=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +56,37 @@ def bad_slides(tmp_path_factory, good):
     cases[p] = ["two_dyes.ome.tif", "--channels"]
 
     p = d / "zstack.ome.tif"
-    tifffile.imwrite(p, np.stack([img[:, :256, :256]] * 4), ome=True,
-                     metadata={"axes": "ZCYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
-                               "Channel": {"Name": ["DAPI", "HER2", "Ki67"]}})
+    tifffile.imwrite(
+        p,
+        np.stack([img[:, :256, :256]] * 4),
+        ome=True,
+        metadata={
+            "axes": "ZCYX",
+            "PhysicalSizeX": 0.5,
+            "PhysicalSizeY": 0.5,
+            "Channel": {"Name": ["DAPI", "HER2", "Ki67"]},
+        },
+    )
     cases[p] = ["zstack.ome.tif", "Z"]
 
     p = d / "no_pixel_size.ome.tif"
-    tifffile.imwrite(p, img, photometric="minisblack", ome=True,
-                     metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "HER2", "Ki67"]}})
+    tifffile.imwrite(
+        p,
+        img,
+        photometric="minisblack",
+        ome=True,
+        metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "HER2", "Ki67"]}},
+    )
     cases[p] = ["no_pixel_size.ome.tif", "--pixel-size-um"]
 
     p = d / "glass.ome.tif"
     rng = np.random.default_rng(0)
-    write_ome_tiff(p, [rng.normal(100, 3, img.shape).astype(np.uint16)],
-                   channel_names=["DAPI", "HER2", "Ki67"], pixel_size_um=0.5)
+    write_ome_tiff(
+        p,
+        [rng.normal(100, 3, img.shape).astype(np.uint16)],
+        channel_names=["DAPI", "HER2", "Ki67"],
+        pixel_size_um=0.5,
+    )
     cases[p] = ["glass.ome.tif", "no tissue"]
     return cases
 
@@ -87,11 +112,11 @@ def test_each_bad_slide_is_reported_and_the_batch_goes_on(tmp_path, good, bad_sl
 def test_channels_and_pixel_size_can_be_given_on_the_command_line(tmp_path, good):
     img = tifffile.imread(good.path)
     p = tmp_path / "anonymous.tif"
-    tifffile.imwrite(p, img, photometric="minisblack", tile=(256, 256),
-                     metadata={"axes": "CYX"})
+    tifffile.imwrite(p, img, photometric="minisblack", tile=(256, 256), metadata={"axes": "CYX"})
     out = tmp_path / "out"
-    proc = lungmets("run", p, "--out", out, "--channels", "DAPI,HER2,Ki67",
-                    "--pixel-size-um", "0.5")
+    proc = lungmets(
+        "run", p, "--out", out, "--channels", "DAPI,HER2,Ki67", "--pixel-size-um", "0.5"
+    )
     assert proc.returncode == 0, proc.stderr
     ref = lungmets("run", good.path, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
@@ -118,8 +143,18 @@ def test_bad_settings_are_reported_without_a_traceback(tmp_path, good):
 
 def test_slurm_job_script_renders_without_slurm():
     pytest.importorskip("dask_jobqueue")
-    proc = lungmets("cluster", "slurm", "--print-job-script", "--cores", "4", "--memory",
-                    "16GB", "--queue", "short", "--sbatch=--gres=gpu:1")
+    proc = lungmets(
+        "cluster",
+        "slurm",
+        "--print-job-script",
+        "--cores",
+        "4",
+        "--memory",
+        "16GB",
+        "--queue",
+        "short",
+        "--sbatch=--gres=gpu:1",
+    )
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     assert "#SBATCH -p short" in script

@@ -21,6 +21,9 @@ from histo.outputs import write_results
 from histo.pipeline import analyze_slide, analyze_tile, measure_background
 from histo.synthetic import generate_slide, load_truth
 
+# The engine is tested with the classical detector (fast); tests/test_models covers the network.
+CLASSICAL = AnalysisConfig(method="classical")
+
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
@@ -31,7 +34,7 @@ def slide(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(slide):
-    return analyze_slide(slide.path, AnalysisConfig(chunk_size_px=2048))
+    return analyze_slide(slide.path, CLASSICAL.replace(chunk_size_px=2048))
 
 
 def _assert_same_lesions(a: pd.DataFrame, b: pd.DataFrame):
@@ -54,7 +57,7 @@ def test_test_slide_has_lesions_straddling_chunk_borders(slide):
 
 @pytest.mark.parametrize("chunk_size_px", [512, 1024])
 def test_lesion_table_is_identical_for_any_chunk_size(slide, reference, chunk_size_px):
-    result = analyze_slide(slide.path, AnalysisConfig(chunk_size_px=chunk_size_px))
+    result = analyze_slide(slide.path, CLASSICAL.replace(chunk_size_px=chunk_size_px))
     assert result.summary["chunks"]["analysed"] > 1
     _assert_same_lesions(result.lesions, reference.lesions)
     np.testing.assert_allclose(
@@ -66,7 +69,7 @@ def test_lesion_table_is_identical_for_any_chunk_size(slide, reference, chunk_si
 def test_processes_and_a_local_cluster_give_the_same_lesions(slide, reference):
     from distributed import LocalCluster
 
-    config = AnalysisConfig(chunk_size_px=1024)
+    config = CLASSICAL.replace(chunk_size_px=1024)
     by_processes = analyze_slide(slide.path, config, workers=2)
     _assert_same_lesions(by_processes.lesions, reference.lesions)
     assert "LocalCluster" in by_processes.summary["scheduler"]
@@ -81,7 +84,7 @@ def test_progress_counts_every_chunk(slide):
     seen = []
     analyze_slide(
         slide.path,
-        AnalysisConfig(chunk_size_px=1024),
+        CLASSICAL.replace(chunk_size_px=1024),
         progress=lambda done, total, msg: seen.append((done, total)),
     )
     total = seen[-1][1]
@@ -113,7 +116,7 @@ def test_glass_is_never_analysed(tmp_path, slide):
     img[:, :, 1280:] = rng.normal(offset, 2.0, img[:, :, 1280:].shape).astype(np.uint16)
     path = tmp_path / "half.ome.tif"
     write_ome_tiff(path, [img], channel_names=["DAPI", "HER2", "Ki67"], pixel_size_um=0.5)
-    r = analyze_slide(path, AnalysisConfig(chunk_size_px=512))
+    r = analyze_slide(path, CLASSICAL.replace(chunk_size_px=512))
     assert r.summary["chunks"]["total"] == 20
     assert r.summary["chunks"]["analysed"] <= 12  # 2 of 5 columns, plus halos
     assert (r.cells["x_um"] < 1280 * 0.5).all()
@@ -126,7 +129,7 @@ def test_analyze_tile_on_a_whole_array_equals_the_chunked_slide(slide, reference
     cells = analyze_tile(
         pixels,
         (0, 0),
-        AnalysisConfig(),
+        CLASSICAL,
         roles=sl.roles,
         stain=stain,
         pixel_size_um=sl.pixel_size_um,
@@ -162,7 +165,7 @@ def test_without_ki67_the_ki67_columns_are_empty_not_zero(tmp_path):
         ki67=False,
         labels=False,
     )
-    r = analyze_slide(s.path)
+    r = analyze_slide(s.path, CLASSICAL)
     assert len(r.cells) > 10
     assert r.cells["ki67_pos"].isna().all()
     assert r.lesions["n_ki67_pos"].isna().all()
@@ -181,7 +184,7 @@ def test_further_channels_are_measured_per_cell(tmp_path, slide):
         channel_names=["DAPI", "HER2", "Ki67", "CD4"],
         pixel_size_um=0.5,
     )
-    r = analyze_slide(path)
+    r = analyze_slide(path, CLASSICAL)
     assert "CD4_mean" in r.cells.columns
     ratio = r.cells["CD4_mean"] / r.cells["her2_mean"]
     assert ratio.median() == pytest.approx(0.5, abs=0.15)
@@ -230,7 +233,7 @@ def test_a_slide_of_empty_glass_is_reported(tmp_path):
     from histo.errors import InputError
 
     with pytest.raises(InputError, match="no tissue"):
-        analyze_slide(path)
+        analyze_slide(path, CLASSICAL)
 
 
 def test_cli_run_goes_on_after_a_bad_slide(tmp_path, slide):
@@ -249,6 +252,8 @@ def test_cli_run_goes_on_after_a_bad_slide(tmp_path, slide):
             str(out),
             "--chunk-size",
             "1024",
+            "--method",
+            "classical",
         ],
         capture_output=True,
         text=True,

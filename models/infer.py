@@ -1,0 +1,206 @@
+"""Running the network on pixels: normalisation, devices, tiles, and maps to cells.
+
+`predict_maps` takes a level-0 tile (C, Y, X) of raw counts and returns the network's
+probability maps at the model's resolution; `cells_from_maps` turns them into a cell table.
+Both are pure functions of arrays, so `histo.pipeline.analyze_tile` runs them on a chunk, a
+test on an array and napari on the current view alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+log = logging.getLogger(__name__)
+
+_DEVICE_LOCK = threading.Lock()
+_warned: set[str] = set()
+
+
+def normalise(linear: np.ndarray) -> np.ndarray:
+    """Network input from signal over autofluorescence: ``log1p(max(x, 0))`` per channel."""
+    return np.log1p(np.clip(linear, 0, None)).astype(np.float32)
+
+
+def to_model_input(pixels: np.ndarray, roles: dict, stain, factor: int) -> np.ndarray:
+    """Level-0 raw counts (C, Y, X) -> network input (4, Y / factor, X / factor).
+
+    Channels are divided by the slide's autofluorescence after the camera offset is taken
+    off, block-averaged by `factor` (the model works at ``factor * pixel_size_um``), and
+    log-compressed; the fourth plane says whether Ki67 was imaged.
+    """
+    c, h, w = pixels.shape
+    hh, ww = h // factor, w // factor
+    out = np.zeros((4, hh, ww), np.float32)
+    for k, role in enumerate(("DAPI", "HER2", "Ki67")):
+        i = roles.get(role)
+        if i is None:
+            continue
+        ch = pixels[i, : hh * factor, : ww * factor].astype(np.float32)
+        if factor > 1:
+            ch = ch.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+        out[k] = normalise((ch - stain.offset[i]) / stain.autofluorescence[i])
+    out[3] = 1.0 if "Ki67" in roles else 0.0
+    return out
+
+
+def resolve_device(device: str = "auto"):
+    """A torch device from ``auto|cpu|cuda|cuda:N|mps``, falling back to CPU with a warning."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _warn_once(f"--device {device} asked for, but no CUDA GPU is available; using the CPU")
+        return torch.device("cpu")
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        _warn_once("--device mps asked for, but MPS is not available; using the CPU")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        from histo.errors import InputError
+
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+def predict_maps(
+    model,
+    x: np.ndarray,
+    device,
+    *,
+    tile: int = 512,
+    margin: int = 48,
+    batch_size: int = 4,
+    screen: np.ndarray | None = None,
+    screen_tile: int = 256,
+) -> np.ndarray:
+    """Probability maps (3, H, W) of the network on an input (4, H, W) of any size.
+
+    The input is cut into tiles of `tile` px that overlap by `margin` px of context on each
+    side (the network's receptive field), and each tile keeps only its centre, so results
+    barely depend on where tiles fall. With a boolean `screen` map (H, W), smaller tiles of
+    `screen_tile` px are used and those whose core holds no True pixel are skipped (their maps
+    stay 0). Runs under `torch.inference_mode`, with autocast (float16) on CUDA.
+    """
+    import torch
+
+    _, h, w = x.shape
+    if screen is not None:
+        tile = screen_tile
+    core = tile - 2 * margin
+    out = np.zeros((3, h, w), np.float32)
+    boxes = []
+    for y in range(0, h, core):
+        for xx in range(0, w, core):
+            box = (y, min(h, y + core), xx, min(w, xx + core))
+            if screen is not None and not screen[box[0] : box[1], box[2] : box[3]].any():
+                continue
+            boxes.append(box)
+    pad = margin
+    xp = np.pad(x, ((0, 0), (pad, pad + tile), (pad, pad + tile)), mode="reflect")
+    use_amp = device.type == "cuda"
+    with torch.inference_mode():
+        for i in range(0, len(boxes), batch_size):
+            group = boxes[i : i + batch_size]
+            batch = np.stack(
+                [
+                    xp[
+                        :,
+                        y0 + pad - margin : y0 + pad - margin + tile,
+                        x0 + pad - margin : x0 + pad - margin + tile,
+                    ]
+                    for y0, _, x0, _ in group
+                ]
+            )
+            t = torch.from_numpy(batch).to(device)
+            with torch.autocast(device_type="cuda", enabled=use_amp):
+                logits = model(t)
+            prob = torch.sigmoid(logits.float()).cpu().numpy()
+            for (y0, y1, x0, x1), p in zip(group, prob, strict=True):
+                out[:, y0:y1, x0:x1] = p[:, margin : margin + y1 - y0, margin : margin + x1 - x0]
+    return out
+
+
+def cells_from_maps(
+    maps: np.ndarray,
+    *,
+    factor: int,
+    origin_px: tuple[int, int] = (0, 0),
+    min_centre: float = 0.3,
+    min_cell: float = 0.5,
+    min_ki67: float = 0.3,
+    min_distance_px: int = 3,
+    has_ki67: bool = True,
+) -> pd.DataFrame:
+    """Cells from probability maps: peaks of the centre map inside the cell mask.
+
+    Positions are refined to sub-pixel by the weighted centroid of the 3x3 neighbourhood and
+    returned in level-0 pixels (``x_px``, ``y_px``); a model pixel ``j`` covers level-0 pixels
+    ``j * factor ... j * factor + factor - 1``.
+    """
+    cell, centre, ki67 = maps
+    peak = centre >= ndi.maximum_filter(centre, size=2 * min_distance_px + 1) - 1e-7
+    peak &= (centre >= min_centre) & (cell >= min_cell)
+    lab, n = ndi.label(peak)
+    if n == 0:
+        return pd.DataFrame(
+            {
+                "x_px": [],
+                "y_px": [],
+                "centre_prob": [],
+                "cell_prob": [],
+                "ki67_prob": [],
+                "ki67_pos": pd.array([], dtype="boolean"),
+            }
+        )
+    pos = np.asarray(ndi.center_of_mass(peak, lab, np.arange(1, n + 1))).reshape(-1, 2)
+    iy = np.clip(np.rint(pos[:, 0]).astype(int), 0, centre.shape[0] - 1)
+    ix = np.clip(np.rint(pos[:, 1]).astype(int), 0, centre.shape[1] - 1)
+    # Sub-pixel refinement: a parabola through the log of the map along each axis (exact for
+    # the Gaussian bumps the network is trained to draw).
+    lc = np.log(np.clip(centre, 1e-6, None))
+
+    def refine(i0, i1, axis):
+        n_ax = centre.shape[axis]
+        lo = np.clip((i0 if axis == 0 else i1) - 1, 0, n_ax - 1)
+        hi = np.clip((i0 if axis == 0 else i1) + 1, 0, n_ax - 1)
+        if axis == 0:
+            a, b, c = lc[lo, i1], lc[i0, i1], lc[hi, i1]
+        else:
+            a, b, c = lc[i0, lo], lc[i0, i1], lc[i0, hi]
+        den = a - 2 * b + c
+        off = np.where(den < -1e-9, 0.5 * (a - c) / np.where(den < -1e-9, den, -1.0), 0.0)
+        return np.clip(off, -0.5, 0.5)
+
+    y = iy + refine(iy, ix, 0)
+    x = ix + refine(iy, ix, 1)
+    scale_off = (factor - 1) / 2.0
+    ki = ki67[iy, ix]
+    return pd.DataFrame(
+        {
+            "x_px": x * factor + scale_off + origin_px[1],
+            "y_px": y * factor + scale_off + origin_px[0],
+            "centre_prob": centre[iy, ix],
+            "cell_prob": cell[iy, ix],
+            "ki67_prob": ki,
+            "ki67_pos": pd.array(ki >= min_ki67 if has_ki67 else [pd.NA] * n, dtype="boolean"),
+        }
+    )

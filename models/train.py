@@ -1,0 +1,464 @@
+"""Training the network on synthetic slides (and fine-tuning it on a user's annotations).
+
+The recipe of the shipped weights (see ``models/weights/MODEL_CARD.md``):
+
+- training slides from the generator, seeds 1000+ (validation: seeds 5000+, never trained on);
+  infected and control lungs at 3-60 days post infection, Ki67 imaged or not;
+- inputs at 1 um/px (level 1 of a 0.5 um/px slide), normalised by the slide's own
+  autofluorescence (`models.infer.to_model_input`), patches of 128 px;
+- augmentation wider than the generator's own variation: stain gain 0.3-3x per channel, offset,
+  gamma, blur, noise, channel bleed-through, vignetting, flips and rotations, and Ki67 dropped;
+- targets from the generator's truth: cell masks, Gaussian bumps at nucleus centres, the same
+  for Ki67+ nuclei;
+- fixed seeds; Adam with a cosine schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PATCH = 128
+CENTRE_SIGMA_PX = 1.5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run."""
+
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 2e-3
+    base: int = 16
+    depth: int = 3
+    seed: int = 0
+    n_train_slides: int = 24
+    n_val_slides: int = 4
+    slide_size_px: int = 2048
+    input_um_per_px: float = 1.0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SlideData:
+    """One slide ready for training: normalised-linear input and targets at model resolution."""
+
+    linear: np.ndarray  # (3, H, W) float16: (counts - offset) / autofluorescence
+    has_ki67: bool
+    cell: np.ndarray  # (H, W) uint8
+    centres: np.ndarray  # (N, 2) float, model pixels (y, x)
+    ki67: np.ndarray  # (N,) bool
+
+
+def slide_data(path, factor: int) -> SlideData:
+    """Load a generated slide and its truth at 1/`factor` of level 0."""
+    import tifffile
+
+    from histo.config import AnalysisConfig
+    from histo.io import open_slide
+    from histo.pipeline import measure_background
+    from histo.synthetic import load_truth
+
+    slide = open_slide(path)
+    _, _, stain = measure_background(slide, AnalysisConfig())
+    truth = load_truth(path)
+    img = slide.read_region(0, 0, slide.shape_px[0], 0, slide.shape_px[1]).astype(np.float32)
+    c, h, w = img.shape
+    hh, ww = h // factor, w // factor
+    lin = np.zeros((3, hh, ww), np.float32)
+    for k, role in enumerate(("DAPI", "HER2", "Ki67")):
+        i = slide.roles.get(role)
+        if i is None:
+            continue
+        ch = img[i, : hh * factor, : ww * factor].reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+        lin[k] = (ch - stain.offset[i]) / stain.autofluorescence[i]
+    cells_lab = tifffile.imread(truth.truth_dir / "labels.ome.tif", key=1)
+    cell = cells_lab[: hh * factor, : ww * factor].reshape(hh, factor, ww, factor)
+    cell = (cell > 0).mean(axis=(1, 3)) >= 0.5
+    px = slide.pixel_size_um
+    off = (factor - 1) / 2.0
+    centres = np.c_[(truth.cells.y_um / px - off) / factor, (truth.cells.x_um / px - off) / factor]
+    return SlideData(
+        lin.astype(np.float16),
+        "Ki67" in slide.roles,
+        cell.astype(np.uint8),
+        centres,
+        truth.cells.ki67_pos.to_numpy(bool),
+    )
+
+
+def _bumps(shape, pts, y0, x0, sigma=CENTRE_SIGMA_PX):
+    out = np.zeros(shape, np.float32)
+    if len(pts) == 0:
+        return out
+    r = int(3 * sigma) + 1
+    for py, px in pts:
+        cy, cx = py - y0, px - x0
+        iy, ix = int(round(cy)), int(round(cx))
+        ys = slice(max(iy - r, 0), min(iy + r + 1, shape[0]))
+        xs = slice(max(ix - r, 0), min(ix + r + 1, shape[1]))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        yy = np.arange(ys.start, ys.stop)[:, None]
+        xx = np.arange(xs.start, xs.stop)[None, :]
+        g = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        np.maximum(out[ys, xs], g, out=out[ys, xs])
+    return out
+
+
+def sample_patch(rng, sd: SlideData, patch: int = PATCH, augment: bool = True):
+    """One (input (4, P, P), target (3, P, P)) pair, half of them centred near a cancer cell."""
+    from scipy import ndimage as ndi
+
+    from .infer import normalise
+
+    _, h, w = sd.linear.shape
+    if len(sd.centres) and rng.random() < 0.5:
+        cy, cx = sd.centres[rng.integers(len(sd.centres))] + rng.normal(0, patch / 5, 2)
+    else:
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    y0 = int(np.clip(cy - patch / 2, 0, h - patch))
+    x0 = int(np.clip(cx - patch / 2, 0, w - patch))
+    lin = sd.linear[:, y0 : y0 + patch, x0 : x0 + patch].astype(np.float32)
+    cell = sd.cell[y0 : y0 + patch, x0 : x0 + patch].astype(np.float32)
+    inside = (
+        (sd.centres[:, 0] > y0 - 5)
+        & (sd.centres[:, 0] < y0 + patch + 5)
+        & (sd.centres[:, 1] > x0 - 5)
+        & (sd.centres[:, 1] < x0 + patch + 5)
+    )
+    pts = sd.centres[inside]
+    ki = sd.ki67[inside]
+    centre = _bumps((patch, patch), pts, y0, x0)
+    ki67 = _bumps((patch, patch), pts[ki], y0, x0)
+    has_ki67 = sd.has_ki67
+    if augment:
+        # Stain and exposure far beyond the generator's own variation.
+        lin *= np.exp(rng.uniform(np.log(0.3), np.log(3.0), (3, 1, 1))).astype(np.float32)
+        lin += rng.uniform(-0.3, 0.3, (3, 1, 1)).astype(np.float32)
+        if rng.random() < 0.5:  # bleed-through of DAPI into the other channels
+            lin[1:] += rng.uniform(0, 0.15, (2, 1, 1)).astype(np.float32) * lin[:1]
+        if rng.random() < 0.5:
+            s = rng.uniform(0.3, 1.3)
+            lin = ndi.gaussian_filter(lin, (0, s, s))
+        if rng.random() < 0.5:
+            lin += rng.normal(0, rng.uniform(0.05, 0.4), lin.shape).astype(np.float32)
+        if rng.random() < 0.5:  # vignetting of a scanner field
+            yy, xx = np.mgrid[0:patch, 0:patch] / patch - rng.uniform(0, 1, (2, 1, 1))
+            lin *= (1 - rng.uniform(0, 0.35) * (yy**2 + xx**2)).astype(np.float32)
+        if rng.random() < 0.5:
+            gamma = rng.uniform(0.7, 1.4)
+            lin = np.sign(lin) * np.abs(lin) ** gamma
+        if has_ki67 and rng.random() < 0.25:
+            has_ki67 = False
+    x = np.zeros((4, patch, patch), np.float32)
+    x[:3] = normalise(lin)
+    if not has_ki67:
+        x[2] = 0.0
+    x[3] = 1.0 if has_ki67 else 0.0
+    y = np.stack([cell, centre, ki67])
+    if augment:
+        k = int(rng.integers(4))
+        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(1, 2))
+        if rng.random() < 0.5:
+            x, y = x[:, :, ::-1], y[:, :, ::-1]
+    return np.ascontiguousarray(x), np.ascontiguousarray(y), has_ki67
+
+
+def make_slides(out_dir, seeds, size_px: int, progress=None) -> list[Path]:
+    """Generate training or validation slides (varied group, dpi and Ki67) with truth."""
+    from histo.synthetic import generate_slide
+
+    out_dir = Path(out_dir)
+    paths = []
+    for i, seed in enumerate(seeds):
+        rng = np.random.default_rng(seed)
+        group = "IAV" if rng.random() < 0.7 else "PBS"
+        dpi = int(rng.choice([3, 9, 15, 28, 60]))
+        path = out_dir / f"train_{seed}.ome.tif"
+        if not path.exists():
+            generate_slide(
+                path,
+                size_px=(size_px, size_px),
+                group=group,
+                dpi=dpi,
+                seed=seed,
+                ki67=bool(rng.random() < 0.85),
+            )
+        paths.append(path)
+        if progress:
+            progress(i + 1, len(seeds), "slides")
+    return paths
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def loss_fn(logits, target, has_ki67):
+    """Weighted binary cross-entropy of the three outputs (Ki67 only where it was imaged)."""
+    import torch
+    import torch.nn.functional as F
+
+    pw = torch.tensor(10.0, device=logits.device)
+    cell = F.binary_cross_entropy_with_logits(logits[:, 0], target[:, 0])
+    centre = F.binary_cross_entropy_with_logits(logits[:, 1], target[:, 1], pos_weight=pw)
+    k = F.binary_cross_entropy_with_logits(
+        logits[:, 2], target[:, 2], pos_weight=pw, reduction="none"
+    ).mean(dim=(1, 2))
+    ki67 = (k * has_ki67).sum() / has_ki67.sum().clamp(min=1)
+    return cell + centre + ki67
+
+
+def train(
+    train_slides,
+    val_slides=(),
+    config: TrainConfig | None = None,
+    *,
+    init_state=None,
+    device: str = "auto",
+    progress=None,
+) -> tuple[object, dict]:
+    """Train (or fine-tune, from `init_state`) a UNet; returns (model, history).
+
+    Parameters
+    ----------
+    train_slides, val_slides : sequence of SlideData
+    config : TrainConfig
+    init_state : dict, optional
+        A state dict to start from (fine-tuning).
+    device : str
+    progress : callable(done, total, message), optional
+    """
+    import torch
+
+    from .infer import resolve_device
+    from .unet import UNet
+
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    dev = resolve_device(device)
+    model = UNet(base=config.base, depth=config.depth).to(dev)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
+    )
+    history = {"step": [], "loss": [], "val_loss": []}
+    val_rng = np.random.default_rng(12345)
+    val_batch = (
+        [sample_patch(val_rng, val_slides[i % len(val_slides)], augment=False) for i in range(32)]
+        if val_slides
+        else []
+    )
+    t0 = time.perf_counter()
+    running = None
+    for step in range(1, config.steps + 1):
+        model.train()
+        batch = [
+            sample_patch(rng, train_slides[int(rng.integers(len(train_slides)))])
+            for _ in range(config.batch_size)
+        ]
+        x = torch.from_numpy(np.stack([b[0] for b in batch])).to(dev)
+        y = torch.from_numpy(np.stack([b[1] for b in batch])).to(dev)
+        hk = torch.tensor([float(b[2]) for b in batch], device=dev)
+        loss = loss_fn(model(x), y, hk)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == config.steps:
+            vl = float("nan")
+            if val_batch:
+                model.eval()
+                with torch.no_grad():
+                    vx = torch.from_numpy(np.stack([b[0] for b in val_batch])).to(dev)
+                    vy = torch.from_numpy(np.stack([b[1] for b in val_batch])).to(dev)
+                    vk = torch.tensor([float(b[2]) for b in val_batch], device=dev)
+                    vl = float(loss_fn(model(vx), vy, vk))
+            history["step"].append(step)
+            history["loss"].append(round(running, 5))
+            history["val_loss"].append(round(vl, 5))
+            log.info(
+                "step %d loss %.4f val %.4f (%.0f s)", step, running, vl, time.perf_counter() - t0
+            )
+        if progress:
+            progress(step, config.steps, f"loss {running:.3f}")
+    history["seconds"] = round(time.perf_counter() - t0, 1)
+    model.eval()
+    return model, history
+
+
+def save_model(model, path, *, train_config: TrainConfig, extra: dict | None = None) -> Path:
+    """Save weights (a plain state dict, loadable with ``weights_only=True``) and config JSON."""
+    import hashlib
+
+    import torch
+
+    from histo._version import __version__
+    from histo.outputs import atomic_path, write_json
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    cfg = {
+        "format": "lungmets-model/1",
+        "name": path.stem,
+        "lungmets_version": __version__,
+        "architecture": {
+            "class": "UNet",
+            "in_channels": 4,
+            "out_channels": 3,
+            "base": train_config.base,
+            "depth": train_config.depth,
+        },
+        "inputs": ["DAPI", "HER2", "Ki67", "Ki67 imaged (0/1)"],
+        "outputs": ["cell", "centre", "ki67"],
+        "input_um_per_px": train_config.input_um_per_px,
+        "normalisation": "log1p(max((counts - offset) / autofluorescence, 0)) per channel, "
+        "offset and autofluorescence from histo.tissue.stain_levels",
+        "tile_px": 512,
+        "halo_um": 64.0,
+        "centre_sigma_px": CENTRE_SIGMA_PX,
+        "sha256": sha,
+        "training": asdict(train_config),
+        **(extra or {}),
+    }
+    write_json(cfg, path.with_suffix(".json"))
+    return path
+
+
+def golden_case() -> dict:
+    """The fixed input on which `save_model` records what a model computes (see its test)."""
+    return {"size_px": [768, 768], "group": "IAV", "dpi": 15, "seed": 777}
+
+
+def golden_output(model, workdir) -> dict:
+    """Map means and cell count of `model` on the golden slide (generated, deterministic)."""
+    from histo.config import AnalysisConfig
+    from histo.io import open_slide
+    from histo.pipeline import measure_background
+    from histo.synthetic import generate_slide
+
+    from .infer import cells_from_maps, predict_maps, to_model_input
+
+    case = golden_case()
+    path = Path(workdir) / "golden.ome.tif"
+    generate_slide(
+        path,
+        size_px=tuple(case["size_px"]),
+        group=case["group"],
+        dpi=case["dpi"],
+        seed=case["seed"],
+        labels=False,
+    )
+    slide = open_slide(path)
+    _, _, stain = measure_background(slide, AnalysisConfig())
+    x = to_model_input(
+        slide.read_region(0, 0, *slide.shape_px[:1], 0, slide.shape_px[1]), slide.roles, stain, 2
+    )
+    import torch
+
+    maps = predict_maps(model, x, torch.device("cpu"))
+    cells = cells_from_maps(maps, factor=2)
+    return {"case": case, "map_means": [float(m.mean()) for m in maps], "n_cells": int(len(cells))}
+
+
+def run_training(
+    out: str | Path,
+    *,
+    data_dir: str | Path,
+    config: TrainConfig | None = None,
+    slides: list | None = None,
+    init_model: str | Path | None = None,
+    progress=None,
+) -> Path:
+    """Train on generated slides (or on a user's annotated slides) and save the model.
+
+    Parameters
+    ----------
+    out : path-like
+        Weights file to write (``.pt``; the config goes to ``.json`` beside it).
+    data_dir : path-like
+        Where generated training slides are cached.
+    config : TrainConfig
+    slides : list of path-like, optional
+        Annotated slides to train on instead of generated ones: each with a truth folder in
+        the generator's format (``<name>.truth/cells.csv`` and ``labels.ome.tif``).
+    init_model : path-like, optional
+        Start from this model (fine-tuning), e.g. the shipped one.
+    progress : callable(done, total, message), optional
+    """
+    import tempfile
+
+    import torch
+
+    config = config or TrainConfig()
+    factor = int(round(config.input_um_per_px / 0.5))
+    init_state = None
+    if init_model is not None:
+        from . import load_model
+
+        loaded = load_model(init_model, "cpu")
+        init_state = loaded.net.state_dict()
+        config = TrainConfig(
+            **{
+                **asdict(config),
+                "base": loaded.config["architecture"]["base"],
+                "depth": loaded.config["architecture"]["depth"],
+            }
+        )
+    if slides:
+        paths = [Path(p) for p in slides]
+        cut = max(1, len(paths) // 5) if len(paths) > 1 else 0
+        tr_paths, va_paths = paths[cut:], paths[:cut]
+    else:
+        tr_paths = make_slides(
+            data_dir, range(1000, 1000 + config.n_train_slides), config.slide_size_px
+        )
+        va_paths = make_slides(
+            data_dir, range(5000, 5000 + config.n_val_slides), config.slide_size_px
+        )
+    trd = [slide_data(p, factor) for p in tr_paths]
+    vad = [slide_data(p, factor) for p in va_paths]
+    model, hist = train(trd, vad, config, init_state=init_state, progress=progress)
+    model = model.cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        golden = golden_output(model, tmp)
+    extra = {
+        "history": hist,
+        "golden": golden,
+        "training_slides": [p.name for p in tr_paths],
+        "validation_slides": [p.name for p in va_paths],
+        "fine_tuned_from": str(init_model) if init_model else None,
+        "torch_version": torch.__version__,
+    }
+    return save_model(model, out, train_config=config, extra=extra)
+
+
+def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipped weights
+    import argparse
+
+    p = argparse.ArgumentParser(description="train the lungmets U-Net on synthetic slides")
+    p.add_argument("--data", default="/tmp/lungmets_train")
+    p.add_argument("--out", default=str(Path(__file__).parent / "weights" / "lungmets_unet_v1.pt"))
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    path = run_training(args.out, data_dir=args.data, config=TrainConfig(steps=args.steps))
+    print(path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

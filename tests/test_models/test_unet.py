@@ -1,0 +1,221 @@
+"""The network: shapes, the shipped weights, what they compute, and training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from histo.config import AnalysisConfig
+from histo.errors import InputError
+from histo.evaluate import evaluate_cells, evaluate_lesions
+from histo.pipeline import analyze_slide
+from histo.synthetic import generate_slide
+from models import DEFAULT_MODEL, load_model, model_config
+from models.infer import cells_from_maps, predict_maps
+from models.train import (
+    TrainConfig,
+    golden_output,
+    loss_fn,
+    make_slides,
+    sample_patch,
+    save_model,
+    slide_data,
+    train,
+)
+from models.unet import UNet
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (2, 4, 96, 160), (1, 4, 256, 128)])
+def test_forward_gives_three_maps_of_the_input_size(shape):
+    net = UNet(base=8, depth=3).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(shape))
+    assert out.shape == (shape[0], 3, *shape[2:])
+    assert out.dtype == torch.float32
+
+
+def test_predict_maps_handles_any_size_and_keeps_values_in_0_1():
+    net = UNet(base=8, depth=3).eval()
+    x = np.random.default_rng(0).random((4, 300, 217), np.float32)
+    maps = predict_maps(net, x, torch.device("cpu"), tile=128, margin=16)
+    assert maps.shape == (3, 300, 217) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+
+
+def test_screened_tiles_are_skipped():
+    net = UNet(base=8, depth=3).eval()
+    x = np.random.default_rng(0).random((4, 256, 256), np.float32)
+    screen = np.zeros((256, 256), bool)
+    screen[10:20, 10:20] = True
+    maps = predict_maps(net, x, torch.device("cpu"), margin=16, screen=screen, screen_tile=64)
+    assert maps[:, :90, :90].max() > 0
+    assert maps[:, 200:, 200:].max() == 0
+
+
+def test_cells_from_maps_finds_bumps_at_level0_positions():
+    maps = np.zeros((3, 64, 64), np.float32)
+    yy, xx = np.mgrid[0:64, 0:64]
+    maps[0] = 1.0
+    for cy, cx in [(10.0, 20.0), (40.5, 33.0)]:
+        maps[1] = np.maximum(maps[1], np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.5))
+    cells = cells_from_maps(maps, factor=2, origin_px=(100, 200))
+    got = cells.sort_values("y_px")[["y_px", "x_px"]].to_numpy()
+    # Model pixel j covers level-0 pixels 2j and 2j+1: its centre is 2j + 0.5.
+    np.testing.assert_allclose(got, [[100 + 20.5, 200 + 40.5], [100 + 81.5, 200 + 66.5]], atol=0.3)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    net = UNet(base=8, depth=2).eval()
+    cfg = TrainConfig(base=8, depth=2)
+    path = save_model(net, tmp_path / "m.pt", train_config=cfg)
+    loaded = load_model(path, "cpu")
+    x = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x), net(x))
+    assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_corrupt_or_altered_models_give_clear_errors(tmp_path):
+    net = UNet(base=8, depth=2).eval()
+    path = save_model(net, tmp_path / "m.pt", train_config=TrainConfig(base=8, depth=2))
+    bad = tmp_path / "bad.pt"
+    shutil.copy(path.with_suffix(".json"), bad.with_suffix(".json"))
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(InputError, match="SHA-256"):
+        load_model(bad)
+    # A config that does not fit the weights.
+    cfg = json.loads(path.with_suffix(".json").read_text())
+    cfg["architecture"]["base"] = 16
+    wrong = tmp_path / "wrong.pt"
+    shutil.copy(path, wrong)
+    wrong.with_suffix(".json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="does not fit"):
+        load_model(wrong)
+    with pytest.raises(InputError, match="no such model"):
+        load_model(tmp_path / "missing.pt")
+    lonely = tmp_path / "lonely.pt"
+    shutil.copy(path, lonely)
+    with pytest.raises(InputError, match="config"):
+        load_model(lonely)
+
+
+def test_shipped_weights_load_and_match_their_sha256():
+    cfg = model_config()
+    assert DEFAULT_MODEL.stat().st_size < 5e6
+    assert hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest() == cfg["sha256"]
+    model = load_model()
+    assert model.config["input_um_per_px"] == 1.0
+    # Loading never unpickles code: the file is plain tensors.
+    state = torch.load(DEFAULT_MODEL, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_shipped_weights_compute_what_was_recorded(tmp_path):
+    """Golden output: the shipped model on a generated slide gives what it gave when saved."""
+    model = load_model(device="cpu")
+    recorded = model.config["golden"]
+    now = golden_output(model.net, tmp_path)
+    assert now["case"] == recorded["case"]
+    np.testing.assert_allclose(now["map_means"], recorded["map_means"], rtol=1e-3, atol=1e-6)
+    assert now["n_cells"] == recorded["n_cells"]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    d = tmp_path_factory.mktemp("unet")
+    return generate_slide(
+        d / "held_out.ome.tif", size_px=(2048, 1536), group="IAV", dpi=15, seed=70001, labels=False
+    )
+
+
+def test_shipped_model_finds_the_lesions_of_a_generated_slide(held_out):
+    r = analyze_slide(held_out.path, AnalysisConfig(method="unet", device="cpu"))
+    cells = evaluate_cells(r.cells, held_out.cells)
+    lesions = evaluate_lesions(r.lesions, held_out.lesions)
+    assert cells["f1"] >= 0.9
+    assert abs(cells["count_error"]) <= 0.1
+    assert lesions.loc["all", "f1"] >= 0.85
+    assert r.summary["model"]["sha256"] == model_config()["sha256"]
+
+
+def test_screened_and_dense_inference_agree(held_out):
+    dense = analyze_slide(held_out.path, AnalysisConfig(method="unet", device="cpu", screen=False))
+    screened = analyze_slide(
+        held_out.path, AnalysisConfig(method="unet", device="cpu", screen=True)
+    )
+    from histo.evaluate import match_points
+
+    pi, _ = match_points(
+        screened.lesions[["x_um", "y_um"]].to_numpy(),
+        dense.lesions[["x_um", "y_um"]].to_numpy(),
+        1.0,
+    )
+    assert len(pi) >= 0.99 * len(dense.lesions)
+    assert abs(len(screened.cells) - len(dense.cells)) <= max(1, 0.01 * len(dense.cells))
+
+
+@pytest.mark.parametrize("chunk_size_px", [512, 1024])
+def test_network_lesions_do_not_depend_on_chunk_size(held_out, chunk_size_px):
+    a = analyze_slide(
+        held_out.path, AnalysisConfig(method="unet", device="cpu", chunk_size_px=2048)
+    )
+    b = analyze_slide(
+        held_out.path, AnalysisConfig(method="unet", device="cpu", chunk_size_px=chunk_size_px)
+    )
+    assert len(a.lesions) == len(b.lesions)
+    np.testing.assert_array_equal(a.lesions.n_cells, b.lesions.n_cells)
+    np.testing.assert_allclose(a.lesions[["x_um", "y_um"]], b.lesions[["x_um", "y_um"]], atol=0.01)
+
+
+def test_a_tiny_training_run_lowers_the_loss(tmp_path):
+    paths = make_slides(tmp_path, [1000], 768)
+    data = [slide_data(p, 2) for p in paths]
+    rng = np.random.default_rng(0)
+    fixed = [sample_patch(rng, data[0], patch=64, augment=False) for _ in range(8)]
+    x = torch.from_numpy(np.stack([b[0] for b in fixed]))
+    y = torch.from_numpy(np.stack([b[1] for b in fixed]))
+    hk = torch.tensor([float(b[2]) for b in fixed])
+    cfg = TrainConfig(steps=40, batch_size=4, base=8, depth=2, lr=3e-3)
+    torch.manual_seed(0)
+    before = UNet(base=8, depth=2).eval()
+    with torch.no_grad():
+        loss_before = float(loss_fn(before(x), y, hk))
+    model, hist = train(data, data, cfg)
+    with torch.no_grad():
+        loss_after = float(loss_fn(model(x), y, hk))
+    assert loss_after < 0.7 * loss_before
+
+
+def test_cli_falls_back_to_the_cpu_with_a_message_when_no_gpu(tmp_path, held_out):
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histo",
+            "run",
+            str(held_out.path),
+            "--out",
+            str(tmp_path),
+            "--method",
+            "unet",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stderr and "using the CPU" in proc.stderr
+    summary = json.loads((tmp_path / "held_out" / "summary.json").read_text())
+    assert summary["method"] == "unet" and summary["counts"]["her2_cells"] > 0
