@@ -96,7 +96,9 @@ def main() -> None:
         print(frac, r)
     lines = [
         machine_line(),
-        "Command: `python3 tests/benchmarks/bench_real_nuclei.py --write` (stardist 0.9.2's "
+        "Command: `python3 -m pip install --no-deps --target /tmp/stardist_data stardist==0.9.2 "
+        "&& python3 tests/benchmarks/bench_real_nuclei.py --stardist /tmp/stardist_data --write`"
+        " (stardist 0.9.2's "
         "`img2d.tif`/`mask2d.tif`: DSB2018, 512 x 512, 125 annotated nuclei; assumed "
         f"{args.pixel_size_um} um/px).",
         "",

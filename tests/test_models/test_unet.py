@@ -219,3 +219,56 @@ def test_cli_falls_back_to_the_cpu_with_a_message_when_no_gpu(tmp_path, held_out
     assert "no CUDA GPU" in proc.stderr and "using the CPU" in proc.stderr
     summary = json.loads((tmp_path / "held_out" / "summary.json").read_text())
     assert summary["method"] == "unet" and summary["counts"]["her2_cells"] > 0
+
+
+def test_network_works_without_a_ki67_channel(tmp_path):
+    s = generate_slide(
+        tmp_path / "noki.ome.tif",
+        size_px=(1536, 1280),
+        group="IAV",
+        dpi=15,
+        seed=70002,
+        ki67=False,
+        labels=False,
+    )
+    r = analyze_slide(s.path, AnalysisConfig(method="unet", device="cpu"))
+    assert r.cells["ki67_pos"].isna().all()
+    assert r.lesions["dormant"].isna().all()
+    assert evaluate_cells(r.cells, s.cells)["f1"] >= 0.9
+
+
+def test_fine_tuning_on_annotated_slides_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    generate_slide(tmp_path / "mine.ome.tif", size_px=(768, 768), group="IAV", dpi=15, seed=3)
+    out = tmp_path / "tuned.pt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histo",
+            "train",
+            str(out),
+            "--slides",
+            str(tmp_path / "mine.ome.tif"),
+            "--from-model",
+            str(DEFAULT_MODEL),
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    tuned = load_model(out)
+    cfg = tuned.config
+    assert cfg["fine_tuned_from"] == str(DEFAULT_MODEL)
+    assert cfg["training_slides"] == ["mine.ome.tif"]
+    assert cfg["training"]["steps"] == 3
+    # Fine-tuning started from the shipped weights: a few steps move them only a little.
+    base = load_model()
+    a = dict(base.net.state_dict())["head.weight"]
+    b = dict(tuned.net.state_dict())["head.weight"]
+    assert 0 < float((a - b).abs().max()) < 0.1
