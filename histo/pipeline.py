@@ -287,17 +287,8 @@ def iter_analyze_slide(
     parts = yield from runner
     t_chunks = time.perf_counter() - t0 - t_tissue
     found = [p for p in parts if len(p)]
-    cells = pd.concat(found, ignore_index=True) if found else None
-    if cells is None:
-        cells = analyze_tile(
-            np.zeros((len(slide.channel_names), 1, 1), np.uint16),
-            (0, 0),
-            config,
-            roles=slide.roles,
-            stain=stain,
-            pixel_size_um=slide.pixel_size_um,
-            extra_channels=slide.extra_channels,
-        )
+    # Every chunk returns a table with the detector's columns, empty ones included.
+    cells = pd.concat(found, ignore_index=True) if found else parts[0]
     cells, lesions = group_lesions(cells, config)
     extra = [c for c in cells.columns if c not in CELL_OUTPUT_COLUMNS]
     cells = cells[CELL_OUTPUT_COLUMNS + extra]

@@ -678,7 +678,6 @@ def build_scene(spec: SlideSpec) -> Scene:
         halfwidth += 3.0 * infiltrate  # thickened, inflamed septa
 
     wall = np.clip((halfwidth - dist) / 1.0 + 0.5, 0, 1) * tissue
-    amps = np.array([1.0, 0.0, 0.0])
 
     obj_y, obj_x, obj_t, obj_amp, obj_kind, obj_ki67 = [], [], [], [], [], []
 
@@ -702,7 +701,6 @@ def build_scene(spec: SlideSpec) -> Scene:
         obj_kind.append(np.full(n, -1 if kind is None else NUCLEUS_KINDS.index(kind)))
         obj_ki67.append(pos)
 
-    del amps
     um2 = DESIGN_UM**2
     nd = stain.nucleus_dapi
     af = stain.af

@@ -272,3 +272,14 @@ def test_fine_tuning_on_annotated_slides_from_the_cli(tmp_path):
     a = dict(base.net.state_dict())["head.weight"]
     b = dict(tuned.net.state_dict())["head.weight"]
     assert 0 < float((a - b).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("method", ["unet", "classical"])
+def test_a_lung_without_cancer_cells_gives_empty_tables(tmp_path, method):
+    s = generate_slide(tmp_path / "clean.ome.tif", size_px=(1024, 768), group="PBS", seed=9,
+                       mouse_burden=0.0, labels=False)
+    assert len(s.cells) == 0
+    r = analyze_slide(s.path, AnalysisConfig(method=method, device="cpu"))
+    assert len(r.lesions) <= 1  # at most a stray false positive
+    assert r.summary["counts"]["her2_cells"] == len(r.cells)
+    assert {"x_um", "y_um", "her2_mean", "ki67_pos"} <= set(r.cells.columns)
