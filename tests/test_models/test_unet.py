@@ -276,8 +276,14 @@ def test_fine_tuning_on_annotated_slides_from_the_cli(tmp_path):
 
 @pytest.mark.parametrize("method", ["unet", "classical"])
 def test_a_lung_without_cancer_cells_gives_empty_tables(tmp_path, method):
-    s = generate_slide(tmp_path / "clean.ome.tif", size_px=(1024, 768), group="PBS", seed=9,
-                       mouse_burden=0.0, labels=False)
+    s = generate_slide(
+        tmp_path / "clean.ome.tif",
+        size_px=(1024, 768),
+        group="PBS",
+        seed=9,
+        mouse_burden=0.0,
+        labels=False,
+    )
     assert len(s.cells) == 0
     r = analyze_slide(s.path, AnalysisConfig(method=method, device="cpu"))
     assert len(r.lesions) <= 1  # at most a stray false positive
