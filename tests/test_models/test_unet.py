@@ -52,7 +52,8 @@ def test_screened_tiles_are_skipped():
     x = np.random.default_rng(0).random((4, 256, 256), np.float32)
     screen = np.zeros((256, 256), bool)
     screen[10:20, 10:20] = True
-    maps = predict_maps(net, x, torch.device("cpu"), margin=16, screen=screen, screen_tile=64)
+    maps = predict_maps(net, x, torch.device("cpu"), screen=screen, screen_tile=64,
+                        screen_margin=16)
     assert maps[:, :90, :90].max() > 0
     assert maps[:, 200:, 200:].max() == 0
 
