@@ -135,6 +135,11 @@ def detect_cells_unet(
     her2_mean, cell_px = means(block(h_i), regions)
     dapi_mean, nuc_px = means(dapi, nucleus)
     area = (factor * pixel_size_um) ** 2
+    ki67_mean = np.nan
+    if has_ki67:
+        # Ki67 is nuclear: its mean over the nucleus, or over the cell where no nucleus was seen.
+        k = block(roles["Ki67"])
+        ki67_mean = np.where(nuc_px > 0, means(k, nucleus)[0], means(k, regions)[0])
     out = pd.DataFrame(
         {
             "x_px": cells["x_px"].to_numpy(),
@@ -142,9 +147,7 @@ def detect_cells_unet(
             "her2_mean": her2_mean,
             "her2_ratio": her2_mean / stain.autofluorescence[h_i],
             "her2_coverage": np.nan,
-            "ki67_mean": means(block(roles["Ki67"]), np.where(nucleus > 0, nucleus, regions))[0]
-            if has_ki67
-            else np.nan,
+            "ki67_mean": ki67_mean,
             "ki67_pos": cells["ki67_pos"].array,
             "dapi_mean": dapi_mean,
             "nucleus_area_um2": nuc_px * area,
