@@ -1,23 +1,41 @@
-"""Runs over many slides: each analysed and written on its own, failures reported, not fatal."""
+"""Runs over many slides: resumable, in parallel where memory allows, failures not fatal.
+
+Each slide is analysed and written on its own (`histo.outputs.write_results`). A slide whose
+results already exist for the same input (SHA-256), analysis parameters, model and software
+version is skipped, so an interrupted batch is simply run again; ``force=True`` redoes it.
+A slide that fails is reported in its `SlideOutcome` and the others go on.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import queue
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._threads import iter_in_thread
 from .config import AnalysisConfig
 from .errors import InputError
 
 log = logging.getLogger(__name__)
 
+#: Settings that change how fast an analysis runs, not what it finds: not part of the run key.
+EXECUTION_ONLY = ("device", "batch_size", "torch_threads", "chunk_size_px")
+
+#: Rough peak memory of one chunk task (2048-px chunk), in bytes, measured on 8k slides
+#: (BENCHMARKS.md): the classical detector and the screened network ~0.75 GB, dense network
+#: ~1.9 GB.
+_TASK_BYTES = {"classical": 0.75e9, "unet": 0.75e9, "unet-dense": 1.9e9}
+
 
 @dataclass
 class SlideOutcome:
-    """How one slide of a batch went."""
+    """How one slide of a batch went. ``status`` is ``"ok"``, ``"skipped"`` or ``"failed"``."""
 
     slide: str
     ok: bool
@@ -26,6 +44,11 @@ class SlideOutcome:
     her2_cells: int | None = None
     lesions: int | None = None
     seconds: float = 0.0
+    status: str = ""
+
+    def __post_init__(self):
+        if not self.status:
+            self.status = "ok" if self.ok else "failed"
 
 
 @dataclass
@@ -41,67 +64,301 @@ class BatchEvent:
     slide: str = ""
 
 
+def run_key(
+    checksum: str,
+    config: AnalysisConfig,
+    *,
+    channels=None,
+    pixel_size_um: float | None = None,
+) -> str:
+    """The identity of an analysis: SHA-256 over everything that changes its results.
+
+    The input's checksum, the analysis parameters (except `EXECUTION_ONLY` ones), the
+    channel mapping and pixel-size override, the model's SHA-256 and the lungmets version.
+    """
+    from ._version import __version__
+
+    params = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_ONLY}
+    model = None
+    if config.method == "unet":
+        from models import model_config
+
+        model = model_config(config.model_path).get("sha256")
+    ident = {
+        "input_sha256": checksum,
+        "parameters": params,
+        "channels": channels if channels is None or isinstance(channels, str) else list(channels),
+        "pixel_size_um": pixel_size_um,
+        "model_sha256": model,
+        "lungmets": __version__,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_outcome(folder: Path, key: str) -> SlideOutcome | None:
+    """The outcome of a finished analysis in `folder` with run key `key`, else None."""
+    summary = folder / "summary.json"
+    if not (summary.is_file() and (folder / "cells.csv").is_file()):
+        return None
+    if not (folder / "lesions.csv").is_file():
+        return None
+    try:
+        s = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    if s.get("run_key") != key:
+        return None
+    counts = s.get("counts", {})
+    return SlideOutcome(
+        s.get("slide", folder.name),
+        True,
+        folder,
+        "already done (same input, parameters and model); --force redoes it",
+        counts.get("her2_cells"),
+        counts.get("lesions"),
+        0.0,
+        status="skipped",
+    )
+
+
+def max_parallel_slides(config: AnalysisConfig, threads_per_slide: int) -> int:
+    """How many slides fit in memory at once (estimate from the available memory)."""
+    avail = _available_bytes()
+    kind = "unet" if config.method == "unet" and config.screen else config.method
+    kind = "unet-dense" if config.method == "unet" and not config.screen else kind
+    per_task = _TASK_BYTES[kind] * (config.chunk_size_px / 2048) ** 2
+    per_slide = 0.4e9 + threads_per_slide * per_task
+    return max(1, int(0.7 * avail // per_slide))
+
+
+def _available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4e9
+
+
+def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False) -> SlideOutcome:
+    """Analyse and write one slide; every error becomes a failed outcome."""
+    from .io import slide_name
+    from .outputs import write_results
+    from .pipeline import file_checksum, iter_analyze_slide
+
+    name = str(path)
+    t0 = time.perf_counter()
+    try:
+        if not Path(path).exists():
+            raise InputError(f"{path}: no such file or folder; check the path")
+        checksum = file_checksum(path)
+        key = run_key(
+            checksum,
+            config or AnalysisConfig(),
+            channels=kwargs.get("channels"),
+            pixel_size_um=kwargs.get("pixel_size_um"),
+        )
+        folder = Path(out_dir) / slide_name(path)
+        if not force:
+            done = finished_outcome(folder, key)
+            if done is not None and labels_zarr:
+                done = None if not _labels_exist(folder, path) else done
+            if done is not None:
+                done.slide = name
+                return done
+        gen = iter_analyze_slide(path, config, checksum=checksum, **kwargs)
+        while True:
+            try:
+                done_n, total, _ = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            emit(BatchEvent("chunks", i, 0, done=done_n, total=total, slide=name))
+        result.summary["run_key"] = key
+        folder = write_results(result, out_dir)
+        if labels_zarr:
+            from .exports import write_lesion_labels
+
+            write_lesion_labels(folder, path)
+        return SlideOutcome(
+            name,
+            True,
+            folder,
+            "ok",
+            len(result.cells),
+            len(result.lesions),
+            time.perf_counter() - t0,
+        )
+    except InputError as exc:
+        return SlideOutcome(name, False, message=str(exc), seconds=time.perf_counter() - t0)
+    except Exception as exc:  # a failed slide must not stop the batch
+        log.exception("unexpected error on %s", name)
+        return SlideOutcome(
+            name,
+            False,
+            message=f"{name}: {type(exc).__name__}: {exc}",
+            seconds=time.perf_counter() - t0,
+        )
+
+
+def _labels_exist(folder: Path, slide: str | os.PathLike) -> bool:
+    return (folder / "lesion_labels.ome.zarr").exists() or (
+        Path(slide) / "labels" / "lesions"
+    ).exists()
+
+
 def iter_run_batch(
     slides: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     config: AnalysisConfig | None = None,
+    *,
+    force: bool = False,
+    parallel: int = 1,
+    labels_zarr: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
     **kwargs,
 ) -> Generator[BatchEvent, None, list[SlideOutcome]]:
-    """Analyse slides one after the other and write each one's results.
+    """Analyse slides and write each one's results; skip those already done.
 
-    A slide with bad input (`histo.InputError`) or any other error is reported in its
-    `SlideOutcome` and the batch goes on. Keyword arguments go to
-    `histo.pipeline.iter_analyze_slide` (channels, pixel_size_um, workers, scheduler).
+    Parameters
+    ----------
+    slides : sequence of path-like
+    out_dir : path-like
+        Results go to ``out_dir/<slide name>/``.
+    config : AnalysisConfig, optional
+    force : bool
+        Redo slides whose results exist for the same input, parameters and model.
+    labels_zarr : bool
+        Also write the lesion label image as OME-Zarr labels (into an OME-Zarr slide's
+        ``labels/`` group, else ``lesion_labels.ome.zarr`` in the slide's results); see
+        `histo.exports.write_lesion_labels`.
+    parallel : int
+        Slides analysed at once (each with its share of the cores, or all sharing the
+        cluster). Lowered, with a warning, to what the available memory holds.
+    workers : int, optional
+        Start one `distributed.LocalCluster` of this many processes for the whole batch.
+    scheduler : str, optional
+        Address of an existing Dask cluster to run on.
+    **kwargs
+        ``channels`` and ``pixel_size_um`` for `histo.pipeline.iter_analyze_slide`.
 
     Yields
     ------
     BatchEvent
+        ``"slide"`` when a slide starts, ``"chunks"`` as its chunks finish, ``"done"`` with
+        its `SlideOutcome`.
 
     Returns
     -------
     list of SlideOutcome
+        In the order of `slides`.
     """
-    from .outputs import write_results
-    from .pipeline import iter_analyze_slide
+    from .io import slide_name
 
-    outcomes = []
+    config = config or AnalysisConfig()
     n = len(slides)
-    for i, path in enumerate(slides):
-        name = str(path)
-        yield BatchEvent("slide", i, n, slide=name)
-        t0 = time.perf_counter()
-        try:
-            gen = iter_analyze_slide(path, config, **kwargs)
-            while True:
-                try:
-                    done, total, _ = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                yield BatchEvent("chunks", i, n, done=done, total=total, slide=name)
-            folder = write_results(result, out_dir)
-            outcome = SlideOutcome(
-                name,
-                True,
-                folder,
-                "ok",
-                len(result.cells),
-                len(result.lesions),
-                time.perf_counter() - t0,
+    names: dict[str, str] = {}
+    for p in slides:
+        other = names.setdefault(slide_name(p), str(p))
+        if other != str(p):
+            raise InputError(
+                f"{other} and {p} would both write to {Path(out_dir) / slide_name(p)}; "
+                "rename one of them or run them into different --out folders"
             )
-        except InputError as exc:
-            outcome = SlideOutcome(name, False, message=str(exc), seconds=time.perf_counter() - t0)
-        except Exception as exc:  # a failed slide must not stop the batch
-            log.exception("unexpected error on %s", name)
-            outcome = SlideOutcome(
-                name,
-                False,
-                message=f"{name}: {type(exc).__name__}: {exc}",
-                seconds=time.perf_counter() - t0,
+    parallel = max(1, min(parallel, n or 1))
+    cores = os.cpu_count() or 1
+    distributed = bool(workers or scheduler)
+    if parallel > 1 and not distributed:
+        fit = max_parallel_slides(config, max(1, cores // parallel))
+        if fit < parallel:
+            log.warning(
+                "%d slides at once would not fit in the available memory; running %d",
+                parallel,
+                fit,
             )
-        outcomes.append(outcome)
-        yield BatchEvent("done", i, n, outcome=outcome, slide=name)
+            parallel = fit
+    cluster = None
+    if workers and not scheduler:
+        from distributed import LocalCluster
+
+        # One cluster for the whole batch, not one per slide.
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        scheduler = cluster.scheduler_address
+    if scheduler:
+        kwargs["scheduler"] = scheduler
+    elif parallel > 1:
+        kwargs["threads"] = max(1, cores // parallel)
+    try:
+        if parallel == 1:
+            outcomes = []
+            for i, path in enumerate(slides):
+                yield BatchEvent("slide", i, n, slide=str(path))
+                # Events of one slide are handed on as they come: run it in a generator.
+                gen = iter_in_thread(
+                    _run_one, i, path, out_dir, config, force, kwargs, labels_zarr=labels_zarr
+                )
+                while True:
+                    try:
+                        ev = next(gen)
+                    except StopIteration as stop:
+                        outcome = stop.value
+                        break
+                    ev.n_slides = n
+                    yield ev
+                outcomes.append(outcome)
+                yield BatchEvent("done", i, n, outcome=outcome, slide=str(path))
+            return outcomes
+        return (yield from _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr))
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr=False):
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(slides)
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    outcomes: list[SlideOutcome | None] = [None] * n
+
+    def work(i, path):
+        q.put(BatchEvent("slide", i, n, slide=str(path)))
+        outcome = _run_one(
+            i, path, out_dir, config, force, kwargs, emit=q.put, labels_zarr=labels_zarr
+        )
+        q.put(BatchEvent("done", i, n, outcome=outcome, slide=str(path)))
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="lungmets-slide") as pool:
+        futures = [pool.submit(work, i, p) for i, p in enumerate(slides)]
+        finished = 0
+        while finished < n:
+            ev = q.get()
+            ev.n_slides = n
+            if ev.kind == "done":
+                outcomes[ev.slide_index] = ev.outcome
+                finished += 1
+            yield ev
+        for f in futures:
+            f.result()
     return outcomes
+
+
+def run_batch(slides, out_dir, config=None, **kwargs) -> list[SlideOutcome]:
+    """Drive `iter_run_batch` to the end; returns the outcomes."""
+    gen = iter_run_batch(slides, out_dir, config, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 def find_slides(inputs: Sequence[str | os.PathLike]) -> list[Path]:

@@ -182,12 +182,9 @@ def _run_synth_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_analysis(args: argparse.Namespace) -> int:
-    from histo.batch import find_slides, iter_run_batch
-    from histo.config import AnalysisConfig
-
+def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
     try:
-        config = AnalysisConfig(
+        return AnalysisConfig(
             method=args.method,
             chunk_size_px=args.chunk_size,
             device=args.device,
@@ -196,23 +193,99 @@ def _run_analysis(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise InputError(f"bad analysis settings: {exc}") from None
-    slides = find_slides(args.slides)
+
+
+def _batch_bars():
+    """tqdm bars over slides and over the chunks of the slides running; returns a handler."""
     from tqdm import tqdm
 
-    outcomes = []
-    bar = tqdm(
-        total=len(slides),
-        desc="slides",
-        unit="slide",
-        file=sys.stderr,
-        position=0,
-        dynamic_ncols=True,
+    state: dict = {"bar": None, "chunks": {}, "outcomes": []}
+
+    def handle(event) -> None:
+        if state["bar"] is None:
+            state["bar"] = tqdm(
+                total=event.n_slides,
+                desc="slides",
+                unit="slide",
+                file=sys.stderr,
+                position=0,
+                dynamic_ncols=True,
+            )
+        chunks = state["chunks"]
+        if event.kind == "chunks":
+            bar = chunks.get(event.slide_index)
+            if bar is None:
+                bar = chunks[event.slide_index] = tqdm(
+                    total=event.total,
+                    desc=f"  {Path(event.slide).name[:28]}",
+                    unit="chunk",
+                    file=sys.stderr,
+                    position=1 + len(chunks),
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+            bar.update(event.done - bar.n)
+        elif event.kind == "done":
+            bar = chunks.pop(event.slide_index, None)
+            if bar is not None:
+                bar.close()
+            state["outcomes"].append(event.outcome)
+            if not event.outcome.ok:
+                tqdm.write(f"{PROG}: error: {event.outcome.message}", file=sys.stderr)
+            state["bar"].update(1)
+
+    def close() -> None:
+        for bar in state["chunks"].values():
+            bar.close()
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return handle, close, state["outcomes"]
+
+
+def _print_outcomes(outcomes, out) -> int:
+    if not outcomes:
+        return 0
+    width = max(len(Path(o.slide).name) for o in outcomes)
+    print(f"{'slide':<{width}}  status   HER2+ cells  lesions  time (s)  output")
+    for o in outcomes:
+        cells = "" if o.her2_cells is None else o.her2_cells
+        lesions = "" if o.lesions is None else o.lesions
+        print(
+            f"{Path(o.slide).name:<{width}}  {o.status.upper() if not o.ok else o.status:<7}  "
+            f"{cells:>11}  {lesions:>7}  {o.seconds:>8.1f}  {o.out_dir or ''}"
+        )
+    failed = sum(not o.ok for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    done = len(outcomes) - failed - skipped
+    print(
+        f"{done} analysed, {skipped} already done (skipped), {failed} failed, of "
+        f"{len(outcomes)} slides; results in {out}"
     )
-    chunks = None
+    return 1 if failed else 0
+
+
+def _run_analysis(args: argparse.Namespace) -> int:
+    from histo.batch import find_slides, iter_run_batch
+
+    config = _analysis_config(args)
+    slides = []
+    if args.samples is not None:
+        from histo.cohort import read_sample_sheet, resolve_slides
+
+        slides += resolve_slides(read_sample_sheet(args.samples), args.samples)
+    if args.slides:
+        slides += find_slides(args.slides)
+    if not slides:
+        raise InputError("no slides given: name slides or folders, or pass --samples SHEET.csv")
+    handle, close, outcomes = _batch_bars()
     gen = iter_run_batch(
         slides,
         args.out,
         config,
+        force=args.force,
+        parallel=args.parallel,
+        labels_zarr=args.labels_zarr,
         channels=args.channels,
         pixel_size_um=args.pixel_size_um,
         workers=args.workers,
@@ -220,42 +293,69 @@ def _run_analysis(args: argparse.Namespace) -> int:
     )
     try:
         for event in gen:
-            if event.kind == "chunks":
-                if chunks is None:
-                    chunks = tqdm(
-                        total=event.total,
-                        desc="  chunks",
-                        unit="chunk",
-                        file=sys.stderr,
-                        position=1,
-                        leave=False,
-                        dynamic_ncols=True,
-                    )
-                chunks.update(event.done - chunks.n)
-            elif event.kind == "done":
-                if chunks is not None:
-                    chunks.close()
-                    chunks = None
-                outcomes.append(event.outcome)
-                if not event.outcome.ok:
-                    tqdm.write(f"{PROG}: error: {event.outcome.message}", file=sys.stderr)
-                bar.update(1)
+            handle(event)
     finally:
-        if chunks is not None:
-            chunks.close()
-        bar.close()
-    width = max(len(Path(o.slide).name) for o in outcomes)
-    print(f"{'slide':<{width}}  status  HER2+ cells  lesions  time (s)  output")
-    for o in outcomes:
-        cells = "" if o.her2_cells is None else o.her2_cells
-        lesions = "" if o.lesions is None else o.lesions
-        print(
-            f"{Path(o.slide).name:<{width}}  {'ok' if o.ok else 'FAILED':<6}  {cells:>11}  "
-            f"{lesions:>7}  {o.seconds:>8.1f}  {o.out_dir or ''}"
-        )
-    failed = sum(not o.ok for o in outcomes)
-    print(f"{len(outcomes) - failed} of {len(outcomes)} slides analysed; results in {args.out}")
-    return 1 if failed else 0
+        close()
+    return _print_outcomes(outcomes, args.out)
+
+
+def _run_cohort(args: argparse.Namespace) -> int:
+    from histo.report import run_cohort
+
+    result, report = run_cohort(
+        args.samples, args.results, args.out, control=args.control, n_boot=args.bootstrap
+    )
+    for w in result.warnings:
+        print(f"{PROG}: warning: {w}", file=sys.stderr)
+    print(f"report: {report}")
+    print(f"tables: {args.out / 'mice.csv'}, {args.out / 'stats.csv'}")
+    for line in result.headline():
+        print(line)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from histo.demo import DemoSettings, headline_numbers, iter_demo
+
+    settings = DemoSettings(
+        mice=args.mice, sections=args.sections, dpis=args.dpis, size_px=args.size
+    )
+    config = _analysis_config(args)
+    from tqdm import tqdm
+
+    bars: dict = {}
+    labels = {"generate": "generating slides", "analyse": "analysing slides", "report": "report"}
+    gen = iter_demo(args.out, settings, config)
+    try:
+        while True:
+            try:
+                stage, done, total = next(gen)
+            except StopIteration as stop:
+                result, report, outcomes = stop.value
+                break
+            bar = bars.get(stage)
+            if bar is None:
+                bar = bars[stage] = tqdm(
+                    total=total, desc=labels[stage], file=sys.stderr, dynamic_ncols=True
+                )
+            bar.update(done - bar.n)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(
+        f"study:   {args.out / 'cohort' / 'samples.csv'} ({len(outcomes)} slides, "
+        f"{result.mice['mouse'].nunique()} mice)"
+    )
+    print(
+        f"results: {args.out / 'results'}"
+        + (f" ({skipped} slides already done)" if skipped else "")
+    )
+    print(f"report:  {report}")
+    print("headline (infected vs control, mouse = unit):")
+    for line in headline_numbers(result):
+        print(f"  {line}")
+    return 0
 
 
 def _run_cluster_slurm(args: argparse.Namespace) -> int:
@@ -329,6 +429,73 @@ def _run_synth_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """Options of the analysis (detector, device, chunks); with `workers`, also where it runs
+    and how the slide is read."""
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=_DEFAULTS.method,
+        help="cell detector: the segmentation network or the classical one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default=_DEFAULTS.device,
+        metavar="DEVICE",
+        help="where the network runs: auto, cpu, cuda, cuda:N, mps (default: %(default)s; "
+        "an absent GPU falls back to the CPU with a message)",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a fine-tuned model (.pt with its .json); default: the shipped one",
+    )
+    parser.add_argument(
+        "--screen",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the network only where HER2 is above autofluorescence (default: on)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=_DEFAULTS.chunk_size_px,
+        metavar="PX",
+        help="chunk side in full-resolution pixels (default: %(default)s)",
+    )
+    if not workers:
+        return
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run on a local Dask cluster of N worker processes (default: threads in this process)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster, e.g. tcp://10.0.0.5:8786",
+    )
+    parser.add_argument(
+        "--channels",
+        default=None,
+        metavar="MAP",
+        help="channel roles in file order (DAPI,HER2,Ki67) or by name/index "
+        "(HER2=CY5,DAPI=0); default: from the channel names",
+    )
+    parser.add_argument(
+        "--pixel-size-um",
+        type=_positive_float,
+        default=None,
+        metavar="F",
+        help="full-resolution pixel size in um (default: from the metadata)",
+    )
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 
@@ -366,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "slides",
-        nargs="+",
+        nargs="*",
         type=Path,
         metavar="SLIDE",
         help="slides (OME-TIFF, TIFF, SVS, NDPI, OME-Zarr) or folders of slides",
@@ -375,66 +542,115 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, metavar="DIR", help="folder for the results"
     )
     run.add_argument(
-        "--method",
-        choices=METHODS,
-        default=_DEFAULTS.method,
-        help="cell detector: the segmentation network or the classical one (default: %(default)s)",
-    )
-    run.add_argument(
-        "--device",
-        default=_DEFAULTS.device,
-        metavar="DEVICE",
-        help="where the network runs: auto, cpu, cuda, cuda:N, mps (default: %(default)s; "
-        "an absent GPU falls back to the CPU with a message)",
-    )
-    run.add_argument(
-        "--model",
+        "--samples",
         type=Path,
         default=None,
-        metavar="PATH",
-        help="a fine-tuned model (.pt with its .json); default: the shipped one",
+        metavar="CSV",
+        help="a sample sheet (slide, mouse, group, dpi, section): analyse its slides "
+        "(paths relative to the sheet's folder)",
     )
     run.add_argument(
-        "--screen",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the network only where HER2 is above autofluorescence (default: on)",
+        "--force",
+        action="store_true",
+        help="redo slides whose results exist for the same input, parameters and model "
+        "(default: skip them, so an interrupted batch resumes)",
     )
     run.add_argument(
-        "--chunk-size",
+        "--parallel",
         type=_positive_int,
-        default=_DEFAULTS.chunk_size_px,
-        metavar="PX",
-        help="chunk side in full-resolution pixels (default: %(default)s)",
-    )
-    run.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=None,
+        default=1,
         metavar="N",
-        help="run on a local Dask cluster of N worker processes (default: threads in this process)",
+        help="slides analysed at once, sharing the cores (default: %(default)s; lowered "
+        "to what the memory holds)",
     )
     run.add_argument(
-        "--scheduler",
-        default=None,
-        metavar="ADDRESS",
-        help="run on an existing Dask cluster, e.g. tcp://10.0.0.5:8786",
+        "--labels-zarr",
+        action="store_true",
+        help="also write lesion label images as OME-Zarr labels (into an OME-Zarr slide's "
+        "labels/ group, else OUT/<slide>/lesion_labels.ome.zarr)",
     )
-    run.add_argument(
-        "--channels",
-        default=None,
-        metavar="MAP",
-        help="channel roles in file order (DAPI,HER2,Ki67) or by name/index "
-        "(HER2=CY5,DAPI=0); default: from the channel names",
-    )
-    run.add_argument(
-        "--pixel-size-um",
-        type=_positive_float,
-        default=None,
-        metavar="F",
-        help="full-resolution pixel size in um (default: from the metadata)",
-    )
+    _add_method_options(run)
     run.set_defaults(handler=_run_analysis)
+
+    cohort_cmd = commands.add_parser(
+        "cohort",
+        help="per-mouse counts, statistics, plots and a report for a study",
+        description=(
+            "Join a sample sheet with the results of 'lungmets run', add up the sections of "
+            "each mouse, compare each group with the control at every day post infection "
+            "(mouse = unit: Mann-Whitney U, Welch's t, bootstrap fold change, Kruskal-Wallis "
+            "across time points) and write tables, figures and report.html to OUT."
+        ),
+    )
+    cohort_cmd.add_argument("samples", type=Path, metavar="SAMPLES", help="the sample sheet (CSV)")
+    cohort_cmd.add_argument(
+        "results", type=Path, metavar="RESULTS", help="the --out folder of 'lungmets run'"
+    )
+    cohort_cmd.add_argument(
+        "--out", type=Path, required=True, metavar="REPORT", help="folder for the report"
+    )
+    cohort_cmd.add_argument(
+        "--control",
+        default=None,
+        metavar="GROUP",
+        help="the control group (default: the one named PBS, control, mock, saline ...)",
+    )
+    cohort_cmd.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        default=5000,
+        metavar="N",
+        help="bootstrap resamples of the fold-change interval (default: %(default)s)",
+    )
+    cohort_cmd.set_defaults(handler=_run_cohort)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole job on a small generated study, with its report",
+        description=(
+            "Generate a small study (infected and control mice, several sections each, two "
+            "time points), analyse every slide, write the cohort report and print the "
+            "headline numbers. Stages already done are skipped."
+        ),
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("lungmets_demo"),
+        metavar="DIR",
+        help="folder for the study, results and report (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--mice",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="mice per group and time point (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--sections",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="sections per mouse (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--dpi",
+        dest="dpis",
+        type=_int_list,
+        default="3,15",
+        metavar="D1,D2,...",
+        help="time points in days post infection (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--size",
+        type=_size_px,
+        default="1024x768",
+        metavar="WxH",
+        help="slide size in pixels (default: %(default)s)",
+    )
+    _add_method_options(demo, workers=False)
+    demo.set_defaults(handler=_run_demo)
 
     train = commands.add_parser(
         "train",

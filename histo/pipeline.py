@@ -217,6 +217,7 @@ def iter_analyze_slide(
     workers: int | None = None,
     scheduler: str | None = None,
     threads: int | None = None,
+    checksum: str | None = None,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Analyse a whole slide chunk by chunk; yields progress, returns an `AnalysisResult`.
 
@@ -235,6 +236,8 @@ def iter_analyze_slide(
         Address of an existing Dask scheduler (``tcp://host:8786``) to run on.
     threads : int, optional
         Threads of the default local threaded scheduler (default: all cores).
+    checksum : str, optional
+        The input's SHA-256 if the caller has it already (else it is computed).
 
     Yields
     ------
@@ -293,7 +296,9 @@ def iter_analyze_slide(
     extra = [c for c in cells.columns if c not in CELL_OUTPUT_COLUMNS]
     cells = cells[CELL_OUTPUT_COLUMNS + extra]
     tissue_mm2 = float(mask.sum() * mask_px**2 * 1e-6)
-    summary = _summary(slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where)
+    summary = _summary(
+        slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where, checksum
+    )
     summary["timings_s"] = {
         "tissue_and_stain": round(t_tissue, 3),
         "chunks": round(t_chunks, 3),
@@ -400,7 +405,9 @@ def _run_distributed(args, chunks, config, stain, *, workers=None, address=None)
             cluster.close()
 
 
-def _summary(slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, where) -> dict:
+def _summary(
+    slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, where, checksum=None
+) -> dict:
     import numpy
     import scipy
     import skimage
@@ -441,7 +448,7 @@ def _summary(slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, 
         "input": {
             "format": slide.format,
             "size_bytes": _size_bytes(p),
-            "sha256": file_checksum(p),
+            "sha256": checksum or file_checksum(p),
             "shape_px": [len(slide.channel_names), *slide.shape_px],
             "pixel_size_um": slide.pixel_size_um,
             "channels": list(slide.channel_names),

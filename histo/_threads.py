@@ -1,0 +1,46 @@
+"""Run a function that reports through a callback in a thread, as a generator of its reports.
+
+Long work in the library is a generator that yields progress and returns the result (the CLI
+wraps it in a progress bar, napari in a ``thread_worker``). Some work reports through a
+callback instead (a pool of processes, a slide analysed while the next one waits); this turns
+it into such a generator.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Generator
+from typing import Any
+
+_DONE = object()
+
+
+def iter_in_thread(
+    fn: Callable[..., Any], *args, thread_name: str = "lungmets-worker", **kwargs
+) -> Generator[Any, None, Any]:
+    """Call ``fn(*args, emit=callback, **kwargs)`` in a thread; yield what it emits.
+
+    Returns
+    -------
+    Whatever `fn` returns; an exception in `fn` is raised in the caller's thread.
+    """
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = fn(*args, emit=q.put, **kwargs)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            q.put(_DONE)
+
+    th = threading.Thread(target=work, name=thread_name, daemon=True)
+    th.start()
+    while (item := q.get()) is not _DONE:
+        yield item
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

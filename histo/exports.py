@@ -1,0 +1,335 @@
+"""Results in the formats other tools read: GeoJSON for QuPath, OME-Zarr label images.
+
+GeoJSON
+    ``cells.geojson`` and ``lesions.geojson``: one Feature per cell / lesion with a polygon in
+    level-0 pixel coordinates as QuPath expects them (pixel corners at integers, so a pixel
+    centre is at ``x_px + 0.5``), ``objectType: "detection"``, a classification (lesion class;
+    cells ``<class>: Ki67+`` / ``<class>: Ki67-``) and the table's numbers as measurements.
+    In QuPath: *File > Import objects from file* (or drag the file onto the viewer).
+    A cell's polygon is a circle of the cell's area; a lesion's the convex hull of its cells.
+
+OME-Zarr labels
+    A lesion label image (each cell's footprint painted with its ``lesion_id``) with one level
+    per level of the slide. For an OME-Zarr slide it goes into the slide's own ``labels/``
+    group, as NGFF describes; for other slides into a standalone NGFF label image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .outputs import atomic_path
+
+#: QuPath classification colours (RGB) per lesion class.
+CLASS_COLOURS = {"single": (76, 155, 232), "cluster": (242, 165, 65), "focus": (209, 73, 91)}
+_DEFAULT_RADIUS_UM = 6.0
+
+
+def _radius_um(area_um2) -> np.ndarray:
+    a = pd.to_numeric(pd.Series(area_um2), errors="coerce").to_numpy(float)
+    r = np.sqrt(np.clip(a, 0, None) / np.pi)
+    return np.where(np.isfinite(r) & (r > 0), r, _DEFAULT_RADIUS_UM)
+
+
+def _circle(x_px: float, y_px: float, r_px: float, n: int = 16) -> list[list[float]]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    pts = [[round(x_px + r_px * math.cos(a), 2), round(y_px + r_px * math.sin(a), 2)] for a in t]
+    return pts + [pts[0]]
+
+
+def _measurements(row: pd.Series, skip=()) -> dict:
+    out = {}
+    for k, v in row.items():
+        if k in skip:
+            continue
+        number = isinstance(v, int | float | np.integer | np.floating)
+        if isinstance(v, bool | np.bool_) or (number and np.isfinite(v)):
+            out[k] = float(v)
+    return out
+
+
+def cells_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: float) -> dict:
+    """The cells as a GeoJSON FeatureCollection of QuPath detections.
+
+    Parameters
+    ----------
+    cells, lesions : pandas.DataFrame
+        The ``cells.csv`` and ``lesions.csv`` tables of a slide.
+    pixel_size_um : float
+        Level-0 pixel size of the slide.
+
+    Returns
+    -------
+    dict
+    """
+    cls = lesions.set_index("lesion_id")["class"] if len(lesions) else pd.Series(dtype=str)
+    radius = _radius_um(cells.get("cell_area_um2", pd.Series(np.nan, index=cells.index)))
+    features = []
+    for (_, c), r_um in zip(cells.iterrows(), radius, strict=True):
+        lesion_class = str(cls.get(c["lesion_id"], "single"))
+        ki67 = c.get("ki67_pos")
+        name = lesion_class if pd.isna(ki67) else f"{lesion_class}: Ki67{'+' if ki67 else '-'}"
+        x, y = c["x_um"] / pixel_size_um + 0.5, c["y_um"] / pixel_size_um + 0.5
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"cell-{int(c['cell_id'])}",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [_circle(x, y, r_um / pixel_size_um)],
+                },
+                "properties": {
+                    "objectType": "detection",
+                    "name": f"cell {int(c['cell_id'])}",
+                    "classification": {
+                        "name": name,
+                        "color": list(CLASS_COLOURS.get(lesion_class, (200, 200, 200))),
+                    },
+                    "measurements": _measurements(c),
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def lesions_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: float) -> dict:
+    """The lesions as a GeoJSON FeatureCollection of QuPath detections (convex hulls)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    radius = _radius_um(cells.get("cell_area_um2", pd.Series(np.nan, index=cells.index)))
+    cells = cells.assign(r_px_=radius / pixel_size_um)
+    by_lesion = dict(tuple(cells.groupby("lesion_id")))
+    features = []
+    for _, les in lesions.iterrows():
+        members = by_lesion.get(les["lesion_id"])
+        pts = []
+        if members is not None:
+            for c in members.itertuples():
+                pts += _circle(c.x_um / pixel_size_um + 0.5, c.y_um / pixel_size_um + 0.5, c.r_px_)[
+                    :-1
+                ]
+        else:
+            pts = _circle(les["x_um"] / pixel_size_um + 0.5, les["y_um"] / pixel_size_um + 0.5, 12)[
+                :-1
+            ]
+        pts = np.asarray(pts)
+        try:
+            ring = pts[ConvexHull(pts).vertices].round(2).tolist()
+        except QhullError:
+            ring = pts.round(2).tolist()
+        ring.append(ring[0])
+        name = str(les["class"])
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"lesion-{int(les['lesion_id'])}",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "name": f"lesion {int(les['lesion_id'])}",
+                    "classification": {
+                        "name": name,
+                        "color": list(CLASS_COLOURS.get(name, (200, 200, 200))),
+                    },
+                    "measurements": _measurements(les, skip=("class",)),
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(folder: str | os.PathLike, pixel_size_um: float | None = None) -> list[Path]:
+    """Write ``cells.geojson`` and ``lesions.geojson`` beside a slide's result tables.
+
+    Parameters
+    ----------
+    folder : path-like
+        A slide's results (``cells.csv``, ``lesions.csv``, ``summary.json``).
+    pixel_size_um : float, optional
+        Default: from ``summary.json``.
+
+    Returns
+    -------
+    list of Path
+    """
+    folder = Path(folder)
+    cells = pd.read_csv(folder / "cells.csv")
+    lesions = pd.read_csv(folder / "lesions.csv")
+    if pixel_size_um is None:
+        pixel_size_um = json.loads((folder / "summary.json").read_text())["input"]["pixel_size_um"]
+    out = []
+    for name, fc in (
+        ("cells", cells_geojson(cells, lesions, pixel_size_um)),
+        ("lesions", lesions_geojson(cells, lesions, pixel_size_um)),
+    ):
+        path = folder / f"{name}.geojson"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(fc))
+        out.append(path)
+    return out
+
+
+# --------------------------------------------------------------------------- label images
+
+
+def lesion_label_image(
+    cells: pd.DataFrame,
+    shape_px: tuple[int, int],
+    pixel_size_um: float,
+    *,
+    chunk_px: int = 1024,
+):
+    """A lazy level-0 label image: each cell's disc (of its area) painted with its lesion_id.
+
+    Returns
+    -------
+    dask.array.Array of int32, shape `shape_px`
+    """
+    import dask.array as da
+    from skimage.draw import disk
+
+    x = cells["x_um"].to_numpy(float) / pixel_size_um
+    y = cells["y_um"].to_numpy(float) / pixel_size_um
+    r = _radius_um(cells.get("cell_area_um2", pd.Series(np.nan, index=cells.index))) / pixel_size_um
+    ids = cells["lesion_id"].to_numpy(np.int64).astype(np.int32)
+
+    def paint(block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        out = np.zeros((y1 - y0, x1 - x0), np.int32)
+        near = (x + r >= x0 - 1) & (x - r <= x1) & (y + r >= y0 - 1) & (y - r <= y1)
+        for i in np.flatnonzero(near):
+            rr, cc = disk((y[i] - y0, x[i] - x0), r[i], shape=out.shape)
+            out[rr, cc] = ids[i]
+        return out
+
+    chunks = da.core.normalize_chunks((chunk_px, chunk_px), shape_px)
+    return da.map_blocks(paint, chunks=chunks, dtype=np.int32, meta=np.zeros((0, 0), np.int32))
+
+
+def write_lesion_labels(
+    folder: str | os.PathLike,
+    slide_path: str | os.PathLike,
+    *,
+    into_slide: bool = True,
+    name: str = "lesions",
+) -> Path:
+    """Write the lesion label image of a slide's results as OME-Zarr (NGFF) labels.
+
+    Parameters
+    ----------
+    folder : path-like
+        The slide's results (``cells.csv``, ``summary.json``).
+    slide_path : path-like
+        The slide. Its levels give the label pyramid's shapes.
+    into_slide : bool
+        For an OME-Zarr slide, write into its ``labels/<name>`` group (the image's own
+        multiscales are not touched). Otherwise, or for other formats, write a standalone label
+        image ``folder/lesion_labels.ome.zarr``.
+    name : str
+        Name of the label image.
+
+    Returns
+    -------
+    Path
+        The label image's group.
+    """
+    import zarr
+
+    from .io import open_slide
+
+    folder = Path(folder)
+    cells = pd.read_csv(folder / "cells.csv")
+    summary = json.loads((folder / "summary.json").read_text())
+    px = summary["input"]["pixel_size_um"]
+    slide = open_slide(slide_path, pixel_size_um=px)
+    shapes = [tuple(lv.shape[-2:]) for lv in slide.levels]
+    label0 = lesion_label_image(cells, shapes[0], px)
+    space = [
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
+    zarr_slide = slide.format == "ome-zarr" and into_slide
+    if zarr_slide:
+        root = zarr.open_group(slide.path, mode="r+")
+        fmt = root.metadata.zarr_format
+        attrs = dict(root.attrs)
+        ome = attrs.get("ome", attrs)
+        img_axes = ome["multiscales"][0].get("axes") or []
+        ndim = len(img_axes) or root[ome["multiscales"][0]["datasets"][0]["path"]].ndim
+        axes = img_axes
+        labels_group = root.require_group("labels")
+        target_path = Path(slide.path) / "labels" / name
+        if name in labels_group:
+            del labels_group[name]
+    else:
+        fmt, ndim, axes = 3, 2, space
+        target_path = folder / "lesion_labels.ome.zarr"
+        tmp_path = folder / ".lesion_labels.ome.zarr.tmp"
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    group = (
+        labels_group.create_group(name)
+        if zarr_slide
+        else zarr.open_group(tmp_path, mode="w", zarr_format=3)
+    )
+    datasets = []
+    lead = (1,) * (ndim - 2)
+    for k, (h, w) in enumerate(shapes):
+        fy, fx = max(1, round(shapes[0][0] / h)), max(1, round(shapes[0][1] / w))
+        level = label0[::fy, ::fx][:h, :w]
+        if level.shape != (h, w):
+            import dask.array as da
+
+            level = da.pad(level, ((0, h - level.shape[0]), (0, w - level.shape[1])))
+        level = level.reshape(lead + (h, w)).rechunk(lead + (1024, 1024))
+        arr = group.create_array(
+            str(k), shape=level.shape, chunks=lead + (1024, 1024), dtype=np.int32
+        )
+        level.store(arr, lock=False)
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * (ndim - 2) + [px * fy, px * fx]}
+                ],
+            }
+        )
+    ids = sorted(int(i) for i in pd.unique(cells["lesion_id"])) if len(cells) else []
+    multiscale = {"name": name, "axes": axes, "datasets": datasets}
+    image_label = {
+        "version": "0.5" if fmt == 3 else "0.4",
+        "source": {"image": "../../"} if zarr_slide else {},
+        "colors": [{"label-value": i, "rgba": [*_lesion_rgb(i), 255]} for i in ids[:5000]],
+    }
+    if fmt == 2:
+        group.attrs.update(
+            {"multiscales": [{"version": "0.4", **multiscale}], "image-label": image_label}
+        )
+    else:
+        group.attrs.update(
+            {"ome": {"version": "0.5", "multiscales": [multiscale], "image-label": image_label}}
+        )
+    if zarr_slide:
+        la = dict(labels_group.attrs)
+        if fmt == 2:
+            names = list(dict.fromkeys([*la.get("labels", []), name]))
+            labels_group.attrs.update({"labels": names})
+        else:
+            ome_l = la.get("ome", {"version": "0.5"})
+            ome_l["labels"] = list(dict.fromkeys([*ome_l.get("labels", []), name]))
+            labels_group.attrs.update({"ome": ome_l})
+        return target_path
+    shutil.rmtree(target_path, ignore_errors=True)
+    os.replace(tmp_path, target_path)
+    return target_path
+
+
+def _lesion_rgb(i: int) -> tuple[int, int, int]:
+    rng = np.random.default_rng(i)
+    return tuple(int(v) for v in rng.integers(60, 256, 3))
