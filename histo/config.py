@@ -27,11 +27,20 @@ class AnalysisConfig:
     batch_size : int
         Network tiles per forward pass.
     screen : bool
-        Run the network only where HER2 is clearly above the autofluorescence.
+        Run the network only around candidate cancer cells: nuclei wrapped in HER2 that is not
+        autofluorescence (see `histo.network.screen_mask`).
+    screen_nucleus_fraction : float
+        The screen's nuclei: DAPI (3-um mean) above this fraction of the slide's nuclear level.
     screen_her2_ratio : float
-        The screen's threshold (HER2 over autofluorescence, averaged over 9 um).
+        A nucleus passes when the mean HER2 (over autofluorescence) in the 4-um band around it
+        is above this ...
+    screen_her2_coverage : float
+        ... or more than this fraction of the band is above 1.3x autofluorescence.
+    screen_autofluorescence_ratio : float
+        With Ki67 imaged, a nucleus whose band is bright in Ki67 (above 1.2x, this multiple of
+        its HER2 and 0.3x the nucleus's Ki67) is a macrophage and is left out.
     screen_margin_um : float
-        How far around screened-in signal the network looks.
+        How far around a passing nucleus the network looks.
     torch_threads : int
         CPU threads of the network per task (0: all cores divided among the parallel tasks).
     chunk_size_px : int
@@ -77,7 +86,10 @@ class AnalysisConfig:
     device: str = "auto"
     batch_size: int = 4
     screen: bool = True
-    screen_her2_ratio: float = 1.5
+    screen_nucleus_fraction: float = 0.08
+    screen_her2_ratio: float = 1.0
+    screen_her2_coverage: float = 0.25
+    screen_autofluorescence_ratio: float = 0.5
     screen_margin_um: float = 8.0
     torch_threads: int = 0
     chunk_size_px: int = 2048

@@ -8,9 +8,11 @@ block-averaged pixels: its region (a watershed of the cell map from the peaks), 
 nucleus (DAPI above the slide's nuclear threshold) and Ki67.
 
 Screening: disseminated cells are rare, so most of a lung is empty alveoli. With ``screen=True``
-the network only runs on its tiles that hold HER2 signal clearly above the autofluorescence
-(the cheap test below); every HER2+ cell is such signal, so the screen loses nothing the dense
-pass would find (measured in BENCHMARKS.md).
+the network only runs on its tiles near a *candidate cancer cell* (`screen_mask`): a nucleus
+wrapped in HER2 that is not autofluorescence. Red blood cells (HER2-bright, no nucleus), the
+autofluorescent walls and debris, and, where Ki67 was imaged, macrophages (bright in Ki67
+wherever they are bright in HER2) are left out, so far fewer tiles are run; the screen keeps
+what the dense pass finds (measured on held-out slides in BENCHMARKS.md).
 
 torch is imported only inside these functions.
 """
@@ -39,17 +41,91 @@ def model_factor(model_um_per_px: float, pixel_size_um: float, path="") -> int:
     return f
 
 
-def screen_mask(her2_ratio: np.ndarray, config: AnalysisConfig, model_um_per_px: float):
-    """Where the network should look: HER2, averaged over about a cell (9 um), above
-    `screen_her2_ratio` x autofluorescence, grown by `screen_margin_um`.
+def screen_mask(
+    x: np.ndarray,
+    config: AnalysisConfig,
+    *,
+    nuclear_ratio: float,
+    model_um_per_px: float = 1.0,
+) -> np.ndarray:
+    """Where the network should look: around nuclei wrapped in HER2 that is not autofluorescence.
 
-    On validation slides this keeps every true cancer cell (the dimmest are about 2x the
-    autofluorescence) while covering 2-7% of the field.
+    Parameters
+    ----------
+    x : ndarray, shape (4, Y, X)
+        Network input (`models.infer.to_model_input`): log1p of DAPI, HER2 and Ki67 over their
+        autofluorescence, and the Ki67-imaged plane.
+    config : AnalysisConfig
+        Uses the ``screen_*`` settings.
+    nuclear_ratio : float
+        The slide's nuclear DAPI level over its DAPI autofluorescence
+        (``stain.nuclear[d] / stain.autofluorescence[d]``).
+    model_um_per_px : float
+
+    Returns
+    -------
+    ndarray of bool, shape (Y, X)
+
+    Notes
+    -----
+    On 3-um local means (ratios to autofluorescence):
+
+    1. nuclei: DAPI above `screen_nucleus_fraction` of the nuclear level, as connected objects;
+    2. a nucleus is kept when the band of 4 um around it holds HER2: its mean is above
+       `screen_her2_ratio`, or more than `screen_her2_coverage` of it is above 1.3x. Red blood
+       cells have no nucleus, and a nucleus that merely touches one (or an autofluorescent
+       wall) is lit on one side only;
+    3. where Ki67 was imaged, a nucleus is dropped when its band is bright in Ki67 too (above
+       1.2x, `screen_autofluorescence_ratio` x its HER2 and 0.3x the nucleus's own Ki67): a
+       macrophage's granules shine in every channel, while a cancer cell's Ki67 sits in its
+       nucleus;
+    4. the kept nuclei, grown by `screen_margin_um`.
+
+    Thresholds sit well below every cancer cell of the tuning slides (the dimmest are about
+    1.5x autofluorescence); on held-out slides the screen keeps the dense pass's lesions
+    (BENCHMARKS.md).
+
+    Examples
+    --------
+    >>> x = np.zeros((4, 64, 64), np.float32)
+    >>> screen_mask(x, AnalysisConfig(), nuclear_ratio=50.0).any()
+    np.False_
     """
-    size = max(1, int(round(9.0 / model_um_per_px)))
-    bright = ndi.uniform_filter(her2_ratio, size) > config.screen_her2_ratio
-    r = max(1, int(round(config.screen_margin_um / model_um_per_px)))
-    return ndi.binary_dilation(bright, iterations=r) if bright.any() else bright
+    um = model_um_per_px
+    ratio = np.expm1(x[:3])
+    smooth = max(1, int(round(3.0 / um)))
+    dapi = ndi.uniform_filter(ratio[0], smooth)
+    labels, n = ndi.label(dapi > config.screen_nucleus_fraction * nuclear_ratio)
+    if n == 0:
+        return np.zeros(labels.shape, bool)
+    band_px = max(1, int(round(4.0 / um)))
+    grown = ndi.grey_dilation(labels, size=2 * band_px + 1)
+    band = np.where(labels == 0, grown, 0).ravel()
+    band_n = np.maximum(np.bincount(band, minlength=n + 1), 1)
+
+    def band_mean(values):
+        return np.bincount(band, weights=values.ravel(), minlength=n + 1) / band_n
+
+    her2 = ndi.uniform_filter(ratio[1], smooth)
+    her2_band = band_mean(her2)
+    coverage = band_mean(her2 > 1.3)
+    keep = (her2_band > config.screen_her2_ratio) | (coverage > config.screen_her2_coverage)
+    if x[3].max() > 0:  # Ki67 imaged
+        ki67 = ndi.uniform_filter(ratio[2], smooth)
+        ki67_band = band_mean(ki67)
+        flat = labels.ravel()
+        ki67_nucleus = np.bincount(flat, weights=ki67.ravel(), minlength=n + 1) / np.maximum(
+            np.bincount(flat, minlength=n + 1), 1
+        )
+        keep &= ~(
+            (ki67_band > 1.2)
+            & (ki67_band > config.screen_autofluorescence_ratio * her2_band)
+            & (ki67_band > 0.3 * ki67_nucleus)
+        )
+    keep[0] = False
+    mask = keep[labels]
+    r = max(1, int(round(config.screen_margin_um / um)))
+    return ndi.binary_dilation(mask, iterations=r) if mask.any() else mask
 
 
 def detect_cells_unet(
@@ -70,16 +146,21 @@ def detect_cells_unet(
     import torch
 
     from models import load_model
-    from models.infer import cells_from_maps, predict_maps, to_model_input
+    from models.infer import block_mean, cells_from_maps, predict_maps, to_model_input
 
     if config.torch_threads > 0 and torch.get_num_threads() != config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     model = load_model(config.model_path, config.device)
     factor = model_factor(model.config["input_um_per_px"], pixel_size_um)
-    x = to_model_input(image, roles, stain, factor)
-    her2_ratio = np.expm1(x[1])
+    # Block means at the model's resolution, once: the network's input and the measurements.
+    blocks = {i: block_mean(image[i], factor) for i in sorted(set(roles.values()))}
+    x = to_model_input(image, roles, stain, factor, blocks=blocks)
     um = model.config["input_um_per_px"]
-    screen = screen_mask(her2_ratio, config, um) if config.screen else None
+    screen = None
+    if config.screen:
+        d = roles["DAPI"]
+        nuclear_ratio = stain.nuclear[d] / stain.autofluorescence[d]
+        screen = screen_mask(x, config, nuclear_ratio=nuclear_ratio, model_um_per_px=um)
     tile = int(model.config.get("tile_px", 512))
     try:
         maps = predict_maps(
@@ -121,8 +202,8 @@ def detect_cells_unet(
     n = len(cells)
 
     def block(ch):
-        c = image[ch, : h * factor, : w * factor].astype(np.float32)
-        return c.reshape(h, factor, w, factor).mean(axis=(1, 3)) - stain.offset[ch]
+        b = blocks[ch] if ch in blocks else block_mean(image[ch], factor)
+        return b - np.float32(stain.offset[ch])
 
     def means(values, labels):
         s = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)[1:]

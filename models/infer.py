@@ -26,12 +26,33 @@ def normalise(linear: np.ndarray) -> np.ndarray:
     return np.log1p(np.clip(linear, 0, None)).astype(np.float32)
 
 
-def to_model_input(pixels: np.ndarray, roles: dict, stain, factor: int) -> np.ndarray:
+def block_mean(plane: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each `factor` x `factor` block of a 2-D array, as float32 (edges that do not
+    fill a block are dropped).
+
+    Sums strided views instead of ``reshape(...).mean(axis=(1, 3))``: several times faster on
+    the 2-4 Mpx chunks of a slide.
+    """
+    h, w = plane.shape[0] // factor, plane.shape[1] // factor
+    if factor == 1:
+        return plane[:h, :w].astype(np.float32)
+    out = np.zeros((h, w), np.float32)
+    for dy in range(factor):
+        for dx in range(factor):
+            out += plane[dy : h * factor : factor, dx : w * factor : factor]
+    out *= 1.0 / (factor * factor)
+    return out
+
+
+def to_model_input(
+    pixels: np.ndarray, roles: dict, stain, factor: int, *, blocks: dict | None = None
+) -> np.ndarray:
     """Level-0 raw counts (C, Y, X) -> network input (4, Y / factor, X / factor).
 
     Channels are divided by the slide's autofluorescence after the camera offset is taken
     off, block-averaged by `factor` (the model works at ``factor * pixel_size_um``), and
-    log-compressed; the fourth plane says whether Ki67 was imaged.
+    log-compressed; the fourth plane says whether Ki67 was imaged. `blocks` (optional) maps
+    channel indices to their block means (`block_mean`) already computed by the caller.
     """
     c, h, w = pixels.shape
     hh, ww = h // factor, w // factor
@@ -40,9 +61,7 @@ def to_model_input(pixels: np.ndarray, roles: dict, stain, factor: int) -> np.nd
         i = roles.get(role)
         if i is None:
             continue
-        ch = pixels[i, : hh * factor, : ww * factor].astype(np.float32)
-        if factor > 1:
-            ch = ch.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+        ch = blocks[i] if blocks and i in blocks else block_mean(pixels[i], factor)
         out[k] = normalise((ch - stain.offset[i]) / stain.autofluorescence[i])
     out[3] = 1.0 if "Ki67" in roles else 0.0
     return out
@@ -116,6 +135,7 @@ def predict_maps(
             if screen is not None and not screen[box[0] : box[1], box[2] : box[3]].any():
                 continue
             boxes.append(box)
+    log.debug("network on %d tiles of %d px", len(boxes), tile)
     pad = margin
     xp = np.pad(x, ((0, 0), (pad, pad + tile), (pad, pad + tile)), mode="reflect")
     use_amp = device.type == "cuda"

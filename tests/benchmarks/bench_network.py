@@ -9,7 +9,11 @@ level once (the floor), then ``lungmets run --method unet`` dense (``--no-screen
 screened (``--screen``, the default), each in its own process for its peak memory, and the
 classical detector for reference. Throughput is megapixels of tissue (level 0) per second.
 The screened lesion table is compared with the dense one (recall of the dense lesions within
-1 um). ``--write`` puts the table into BENCHMARKS.md between the ``bench_network`` markers.
+1 um). Then the screen alone on held-out slides (generator seeds 90001+, never used for training,
+validation or tuning the screen; infected and control lungs, with and without Ki67, as in
+bench_accuracy.py): the screened and dense lesions of each (in-process, CPU), and the share of
+the field the screen selects (pixels, and tiles the network runs on). ``--write`` puts the
+tables into BENCHMARKS.md between the ``bench_network`` markers.
 """
 
 from __future__ import annotations
@@ -28,15 +32,110 @@ from _common import machine_line, measure, write_section  # noqa: E402
 
 _DECODE = "import sys, tifffile; tifffile.imread(sys.argv[1], level=0)"
 
+HELD_OUT = [  # (group, dpi, ki67), seeds 90001+
+    ("IAV", 9, True),
+    ("IAV", 15, True),
+    ("IAV", 28, True),
+    ("IAV", 15, False),
+    ("PBS", 15, True),
+    ("PBS", 28, False),
+]
+
+
+def _recall(screened, dense) -> tuple[int, int]:
+    """Dense lesions that the screened pass also finds (centroids within 1 um)."""
+    from histo.evaluate import match_points
+
+    pi, _ = match_points(
+        screened[["x_um", "y_um"]].to_numpy(), dense[["x_um", "y_um"]].to_numpy(), 1.0
+    )
+    return len(pi), len(dense)
+
+
+def _screen_share(path, config) -> tuple[float, float]:
+    """Share of the field the screen selects: (pixels, tiles of the screened network pass)."""
+    import numpy as np
+
+    from histo.io import open_slide
+    from histo.network import screen_mask
+    from histo.pipeline import measure_background
+    from models.infer import to_model_input
+
+    slide = open_slide(path)
+    _, _, stain = measure_background(slide, config)
+    h, w = slide.shape_px
+    x = to_model_input(slide.read_region(0, 0, h, 0, w), slide.roles, stain, 2)
+    d = slide.roles["DAPI"]
+    m = screen_mask(x, config, nuclear_ratio=stain.nuclear[d] / stain.autofluorescence[d])
+    core = 128  # the core of a screened tile (192 px with 32 px of context)
+    tiles = [
+        m[y : y + core, x0 : x0 + core].any()
+        for y in range(0, m.shape[0], core)
+        for x0 in range(0, m.shape[1], core)
+    ]
+    return float(m.mean()), float(np.mean(tiles))
+
+
+def held_out_rows(size: str) -> list[str]:
+    """Screened vs dense lesions, and the screen's share of the field, on held-out slides."""
+    import time
+
+    from histo.config import AnalysisConfig
+    from histo.pipeline import analyze_slide
+    from histo.synthetic import generate_slide
+
+    w, h = (int(v) for v in size.split("x"))
+    rows = []
+    tot = [0, 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (group, dpi, ki67) in enumerate(HELD_OUT):
+            s = generate_slide(
+                Path(tmp) / f"held_{i}.ome.tif",
+                size_px=(w, h),
+                group=group,
+                dpi=dpi,
+                seed=90001 + i,
+                ki67=ki67,
+                labels=False,
+            )
+            cfg = AnalysisConfig(method="unet", device="cpu")
+            t = time.perf_counter()
+            dense = analyze_slide(s.path, cfg.replace(screen=False))
+            t_dense = time.perf_counter() - t
+            t = time.perf_counter()
+            screened = analyze_slide(s.path, cfg)
+            t_scr = time.perf_counter() - t
+            kept, n = _recall(screened.lesions, dense.lesions)
+            tot[0] += kept
+            tot[1] += n
+            px, tiles = _screen_share(s.path, cfg)
+            name = f"{90001 + i}: {group} d{dpi}{'' if ki67 else ' no Ki67'}"
+            rows.append(
+                f"| {name} | {n} | {kept} ({kept / max(n, 1):.1%}) | "
+                f"{len(screened.cells)} / {len(dense.cells)} | {px:.1%} | {tiles:.0%} | "
+                f"{t_dense:.1f} / {t_scr:.1f} ({t_dense / t_scr:.2f}x) |"
+            )
+            print(rows[-1], flush=True)
+    return [
+        "",
+        f"Held-out slides ({size}, seeds 90001-{90000 + len(HELD_OUT)}; dense and screened "
+        "`analyze_slide` in one process, CPU):",
+        "",
+        "| slide | dense lesions | kept by the screened pass | cells screened / dense "
+        "| field screened (pixels) | field screened (tiles) | time dense / screened (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        f"| all | {tot[1]} | {tot[0]} ({tot[0] / max(tot[1], 1):.1%}) | | | | |",
+    ]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="8192x6144")
+    ap.add_argument("--held-out-size", default="4096x3072")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     py = sys.executable
-    from histo.evaluate import match_points
-
     with tempfile.TemporaryDirectory() as tmp:
         slide = Path(tmp) / "lung.ome.tif"
         subprocess.run(
@@ -79,10 +178,8 @@ def main() -> None:
     tissue_mpx = runs["classical"][1]["tissue_area_mm2"] * 1e6 / 0.25 / 1e6
     dense_les = runs["unet dense"][2]
     scr_les = runs["unet screened"][2]
-    pi, _ = match_points(
-        scr_les[["x_um", "y_um"]].to_numpy(), dense_les[["x_um", "y_um"]].to_numpy(), 1.0
-    )
-    recall = len(pi) / max(len(dense_les), 1)
+    kept, _ = _recall(scr_les, dense_les)
+    recall = kept / max(len(dense_les), 1)
     lines = [
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_network.py --size {args.size} --write` "
@@ -104,6 +201,7 @@ def main() -> None:
         f"kept (centroids within 1 um); speed-up "
         f"{runs['unet dense'][0][0] / runs['unet screened'][0][0]:.2f}x.",
     ]
+    lines += held_out_rows(args.held_out_size)
     print("\n".join(lines))
     if args.write:
         write_section("bench_network", "Network speed (CPU)", lines)

@@ -52,10 +52,52 @@ def test_screened_tiles_are_skipped():
     x = np.random.default_rng(0).random((4, 256, 256), np.float32)
     screen = np.zeros((256, 256), bool)
     screen[10:20, 10:20] = True
-    maps = predict_maps(net, x, torch.device("cpu"), screen=screen, screen_tile=64,
-                        screen_margin=16)
+    maps = predict_maps(
+        net, x, torch.device("cpu"), screen=screen, screen_tile=64, screen_margin=16
+    )
     assert maps[:, :90, :90].max() > 0
     assert maps[:, 200:, 200:].max() == 0
+
+
+def _disc(shape, cy, cx, r0, r1=None):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d = np.hypot(yy - cy, xx - cx)
+    return d <= r0 if r1 is None else (d > r0) & (d <= r1)
+
+
+def test_screen_skips_red_blood_cells_and_macrophages_and_keeps_dim_cells():
+    """At the model's 1 um/px, in ratios to autofluorescence (tissue is 1)."""
+    from histo.network import screen_mask
+
+    shape = (128, 128)
+    ratio = np.ones((3, *shape), np.float32)  # DAPI, HER2, Ki67
+    nuclear = 50.0
+    # A red blood cell: HER2 5x, no nucleus.
+    ratio[1][_disc(shape, 24, 24, 3.5)] = 5.0
+    # A dim cancer cell: a nucleus (a quarter of the nuclear level) in a ring of HER2 at 2x.
+    ratio[0][_disc(shape, 96, 96, 5)] = 0.25 * nuclear
+    ratio[1][_disc(shape, 96, 96, 5, 8)] = 2.0
+    # A macrophage: a pale nucleus in granules bright in HER2 and Ki67 alike.
+    ratio[1][_disc(shape, 30, 96, 9)] = 4.0
+    ratio[2][_disc(shape, 30, 96, 9)] = 5.0
+    ratio[0][_disc(shape, 30, 96, 4)] = 0.2 * nuclear
+    x = np.concatenate([np.log1p(ratio), np.ones((1, *shape), np.float32)])
+    mask = screen_mask(x, AnalysisConfig(), nuclear_ratio=nuclear)
+    assert mask[96, 96] and mask[96, 104]  # the cell and its HER2 ring
+    assert not mask[24, 24]
+    assert not mask[30, 96]
+    # Without Ki67 a macrophage cannot be told from a cancer cell: it is looked at.
+    x[2:] = 0
+    assert screen_mask(x, AnalysisConfig(), nuclear_ratio=nuclear)[30, 96]
+
+
+def test_block_mean_matches_numpy():
+    from models.infer import block_mean
+
+    a = np.random.default_rng(0).integers(0, 4000, (9, 13)).astype(np.uint16)
+    want = a[:8, :12].astype(np.float32).reshape(4, 2, 6, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(block_mean(a, 2), want, rtol=1e-6)
+    np.testing.assert_array_equal(block_mean(a, 1), a.astype(np.float32))
 
 
 def test_cells_from_maps_finds_bumps_at_level0_positions():
