@@ -257,10 +257,10 @@ def _print_outcomes(outcomes, out) -> int:
         )
     failed = sum(not o.ok for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
-    done = len(outcomes) - failed - skipped
+    ok = len(outcomes) - failed
     print(
-        f"{done} analysed, {skipped} already done (skipped), {failed} failed, of "
-        f"{len(outcomes)} slides; results in {out}"
+        f"{ok} of {len(outcomes)} slides analysed ({skipped} already done and skipped), "
+        f"{failed} failed; results in {out}"
     )
     return 1 if failed else 0
 

@@ -371,9 +371,9 @@ def aggregate_mice(sections: pd.DataFrame) -> pd.DataFrame:
     area = mice["tissue_area_mm2"]
     for c in counts:
         mice[f"{c}_per_mm2"] = mice[c] / area
-    mice["ki67_fraction"] = mice["ki67_pos_cells"] / mice["her2_cells"].where(
-        mice["her2_cells"] > 0
-    )
+    if {"ki67_pos_cells", "her2_cells"} <= set(mice.columns):
+        her2 = mice["her2_cells"].where(mice["her2_cells"] > 0)
+        mice["ki67_fraction"] = mice["ki67_pos_cells"] / her2
     mice = mice.reset_index()
     standard = (
         set(SHEET_COLUMNS)

@@ -153,12 +153,16 @@ def _chunk_task(path, channels, pixel_size_um, chunk: Chunk, config, stain) -> p
 
 
 def file_checksum(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """SHA-256 of a file; for a folder (Zarr), of its file names and sizes (prefixed)."""
+    """SHA-256 of a file; for a folder (Zarr), of its file names and sizes (prefixed).
+
+    A Zarr image's ``labels/`` group is left out: labels written into it (``--labels-zarr``)
+    do not change the image.
+    """
     path = Path(path)
     h = hashlib.sha256()
     if path.is_dir():
         for p in sorted(path.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.relative_to(path).parts[0] != "labels":
                 h.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
         return "listing-sha256:" + h.hexdigest()
     with open(path, "rb") as f:

@@ -64,7 +64,7 @@ def metric_figure(
     from matplotlib.figure import Figure
 
     if ax is None:
-        fig = Figure(figsize=(1.2 + 1.4 * mice["dpi"].nunique(), 3.6), layout="constrained")
+        fig = Figure(figsize=(1.8 + 1.4 * mice["dpi"].nunique(), 3.6), layout="constrained")
         ax = fig.add_subplot()
     else:
         fig = ax.figure
@@ -118,6 +118,7 @@ def metric_figure(
         frameon=False,
         fontsize=8,
         loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
     )
     return fig
 
