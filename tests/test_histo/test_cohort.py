@@ -123,8 +123,7 @@ def test_report_files_and_provenance(study):
             assert (report / "figures" / f"{stem}.{ext}").stat().st_size > 1000
     sections = pd.read_csv(report / "sections.csv")
     summaries = {
-        p.parent.name: json.loads(p.read_text())
-        for p in study["results"].glob("*/summary.json")
+        p.parent.name: json.loads(p.read_text()) for p in study["results"].glob("*/summary.json")
     }
     assert len(sections) == 48 == len(summaries)
     for r in sections.itertuples():

@@ -37,7 +37,9 @@ def test_lesion_labels_into_an_ome_zarr_slide(slides, tmp_path, version):
     src = slides[0]
     with tifffile.TiffFile(src.path) as tf:
         levels = [np.asarray(lv.asarray()) for lv in tf.series[0].levels]
-    zpath = write_ome_zarr(tmp_path / "s.ome.zarr", levels, ["DAPI", "HER2", "Ki67"], version=version)
+    zpath = write_ome_zarr(
+        tmp_path / "s.ome.zarr", levels, ["DAPI", "HER2", "Ki67"], version=version
+    )
     (out,) = run_batch([zpath], tmp_path / "res", CLASSICAL, labels_zarr=True)
     assert out.ok, out.message
     cells = pd.read_csv(out.out_dir / "cells.csv")
@@ -95,9 +97,7 @@ def test_parallel_slides_give_the_same_tables(slides, tmp_path):
 def test_one_local_cluster_for_the_whole_batch(slides, tmp_path):
     outs = run_batch([s.path for s in slides[:2]], tmp_path, CLASSICAL, workers=2)
     assert all(o.ok for o in outs)
-    schedulers = {
-        json.loads((o.out_dir / "summary.json").read_text())["scheduler"] for o in outs
-    }
+    schedulers = {json.loads((o.out_dir / "summary.json").read_text())["scheduler"] for o in outs}
     assert len(schedulers) == 1 and next(iter(schedulers)).startswith("tcp://")
 
 
