@@ -38,6 +38,7 @@ def plan_chunks(
     *,
     tissue: np.ndarray | None = None,
     tissue_downsample: float = 1.0,
+    region_px: tuple[int, int, int, int] | None = None,
 ) -> list[Chunk]:
     """Chunks covering a slide, optionally only those that touch tissue.
 
@@ -54,6 +55,9 @@ def plan_chunks(
         are left out: glass is never analysed.
     tissue_downsample : float
         Level-0 pixels per mask pixel.
+    region_px : (y0, y1, x0, x1), optional
+        Only this level-0 box (end-exclusive): cores are cut to it, so only cells whose centre
+        lies inside are reported; halos still read the context around it.
 
     Returns
     -------
@@ -61,11 +65,16 @@ def plan_chunks(
         Row-major order.
     """
     h, w = shape_px
+    ry0, ry1, rx0, rx1 = region_px if region_px is not None else (0, h, 0, w)
+    ry0, ry1, rx0, rx1 = max(0, ry0), min(h, ry1), max(0, rx0), min(w, rx1)
     out = []
     for r in range(math.ceil(h / chunk_size_px)):
         for c in range(math.ceil(w / chunk_size_px)):
             y0, x0 = r * chunk_size_px, c * chunk_size_px
             y1, x1 = min(h, y0 + chunk_size_px), min(w, x0 + chunk_size_px)
+            y0, y1, x0, x1 = max(y0, ry0), min(y1, ry1), max(x0, rx0), min(x1, rx1)
+            if y0 >= y1 or x0 >= x1:
+                continue
             if tissue is not None:
                 m = tissue_downsample
                 my0 = max(0, int((y0 - halo_px) / m))

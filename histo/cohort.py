@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .review import JOURNAL, ReviewSession
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class CohortResult:
     def headline(self, metric: str = "her2_cells_per_mm2") -> list[str]:
         """One sentence per time point: the fold change and its p-value for `metric`."""
         out = []
+        if len(self.stats) == 0:
+            return out
         rows = self.stats[self.stats["metric"] == metric]
         for r in rows.itertuples():
             if not np.isfinite(r.fold_change):
@@ -282,12 +285,23 @@ def load_sections(
             continue
         counts = summary.get("counts", {})
         row = dict(r._asdict())
-        for k in SUMMARY_COUNTS:
-            v = counts.get(k)
-            row[k] = np.nan if v is None else float(v)
         by_class = lesions.groupby("class")["n_cells"].sum() if len(lesions) else {}
         for cls in ("single", "cluster", "focus"):
-            row[f"cells_in_{cls}"] = float(by_class.get(cls, 0))
+            counts = counts | {f"cells_in_{cls}": by_class.get(cls, 0)}
+        row["reviewed_corrections"] = 0
+        if (folder / JOURNAL).is_file():
+            # A scientist reviewed this slide: count what they kept, as they classed it.
+            session = ReviewSession(folder)
+            counts = session.counts()
+            row["reviewed_corrections"] = session.n_corrections
+            if session.unmatched:
+                warnings.append(
+                    f"{r.slide}: {len(session.unmatched)} review correction(s) match no lesion "
+                    "of the current results (re-analysed since?); see corrections.jsonl"
+                )
+        for k in COUNTS:
+            v = counts.get(k)
+            row[k] = np.nan if v is None else float(v)
         row["tissue_area_mm2"] = float(summary.get("tissue_area_mm2", np.nan))
         row.update(_provenance_columns(summary))
         row["results"] = str(folder)
@@ -508,8 +522,15 @@ def compare_groups(
     """
     from scipy import stats as st
 
-    control = find_control(mice["group"].unique(), control)
+    groups = sorted(map(str, mice["group"].unique()))
     warnings = []
+    if len(groups) < 2:
+        control = control or groups[0]
+        warnings.append(
+            f"only one group ({', '.join(groups)}) in the sample sheet: nothing to compare it with"
+        )
+    else:
+        control = find_control(groups, control)
     for (dpi, group), n in mice.groupby(["dpi", "group"]).size().items():
         if n < 3:
             warnings.append(
@@ -616,7 +637,8 @@ def analyze_cohort(
     warnings += w
     for w_ in warnings:
         log.warning(w_)
-    control = find_control(mice["group"].unique(), control)
+    groups = sorted(map(str, mice["group"].unique()))
+    control = find_control(groups, control) if len(groups) > 1 else (control or groups[0])
     provenance = _cohort_provenance(sections, results_dir, samples)
     return CohortResult(sections, mice, stats, trend, control, warnings, provenance)
 

@@ -222,6 +222,7 @@ def iter_analyze_slide(
     scheduler: str | None = None,
     threads: int | None = None,
     checksum: str | None = None,
+    region_px: tuple[int, int, int, int] | None = None,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Analyse a whole slide chunk by chunk; yields progress, returns an `AnalysisResult`.
 
@@ -242,6 +243,10 @@ def iter_analyze_slide(
         Threads of the default local threaded scheduler (default: all cores).
     checksum : str, optional
         The input's SHA-256 if the caller has it already (else it is computed).
+    region_px : (y0, y1, x0, x1), optional
+        Analyse only this level-0 box (end-exclusive), e.g. the view in napari: only cells
+        whose centre lies inside are reported, with the same values as in a whole-slide run;
+        the tissue area (and densities) are those of the region.
 
     Yields
     ------
@@ -272,8 +277,11 @@ def iter_analyze_slide(
         config.halo_px,
         tissue=mask,
         tissue_downsample=mask_px / slide.pixel_size_um,
+        region_px=region_px,
     )
-    n_all = len(plan_chunks(shape, config.chunk_size_px, config.halo_px))
+    n_all = len(plan_chunks(shape, config.chunk_size_px, config.halo_px, region_px=region_px))
+    if region_px is not None:
+        mask = _mask_in_region(mask, mask_px / slide.pixel_size_um, region_px)
     yield (0, len(chunks), "chunks")
     args = (str(slide.path), _channels_arg(channels), pixel_size_um)
     if config.method == "unet" and config.torch_threads == 0:
@@ -303,6 +311,8 @@ def iter_analyze_slide(
     summary = _summary(
         slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where, checksum
     )
+    if region_px is not None:
+        summary["input"]["region_px"] = [int(v) for v in region_px]
     summary["timings_s"] = {
         "tissue_and_stain": round(t_tissue, 3),
         "chunks": round(t_chunks, 3),
@@ -316,6 +326,16 @@ def iter_analyze_slide(
         tissue_mask=mask,
         tissue_pixel_size_um=mask_px,
     )
+
+
+def _mask_in_region(mask: np.ndarray, downsample: float, region_px) -> np.ndarray:
+    """The tissue mask with everything outside a level-0 box cleared."""
+    y0, y1, x0, x1 = (int(round(v / downsample)) for v in region_px)
+    out = np.zeros_like(mask)
+    out[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = mask[
+        max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)
+    ]
+    return out
 
 
 def analyze_slide(

@@ -34,6 +34,8 @@ Coordinates: ``x_um = x_px * pixel_size_um`` with level-0 pixel centres at integ
 from __future__ import annotations
 
 from ._api import (
+    SAMPLE_SIZE_PX,
+    SAMPLE_SLIDES,
     SyntheticSlide,
     generate_cohort,
     generate_sample_data,
@@ -48,6 +50,8 @@ from ._scene import CHANNELS, LABEL_CHANNELS, SlideSpec, build_scene
 
 __all__ = [
     "CHANNELS",
+    "SAMPLE_SIZE_PX",
+    "SAMPLE_SLIDES",
     "LABEL_CHANNELS",
     "SlideSpec",
     "SyntheticSlide",

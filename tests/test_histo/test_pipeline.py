@@ -264,3 +264,27 @@ def test_cli_run_goes_on_after_a_bad_slide(tmp_path, slide):
     assert (out / "lung" / "summary.json").exists()
     assert not (out / "notes").exists()
     assert "1 of 2 slides analysed" in proc.stdout
+
+
+def test_a_region_reports_the_whole_slide_cells_inside_it(slide, reference):
+    """The napari 'current view': the same cells as the whole slide, only those inside."""
+    h, w = reference.summary["input"]["shape_px"][1:]
+    region = (h // 5, h // 5 + 1100, w // 4, w // 4 + 1300)
+    part = analyze_slide(slide.path, CLASSICAL.replace(chunk_size_px=512), region_px=region)
+    px = reference.summary["input"]["pixel_size_um"]
+    y = reference.cells["y_um"] / px
+    x = reference.cells["x_um"] / px
+    inside = reference.cells[
+        (y >= region[0] - 0.5)
+        & (y < region[1] - 0.5)
+        & (x >= region[2] - 0.5)
+        & (x < region[3] - 0.5)
+    ]
+    assert len(inside) > 5
+    got = part.cells.sort_values(["y_um", "x_um"]).reset_index(drop=True)
+    want = inside.sort_values(["y_um", "x_um"]).reset_index(drop=True)
+    np.testing.assert_allclose(
+        got[["y_um", "x_um", "her2_mean"]], want[["y_um", "x_um", "her2_mean"]], atol=1e-6
+    )
+    assert part.summary["input"]["region_px"] == list(region)
+    assert 0 < part.summary["tissue_area_mm2"] < reference.summary["tissue_area_mm2"]

@@ -1,0 +1,307 @@
+"""Review of a slide's lesions: corrections kept in an append-only journal, applied on load.
+
+A scientist looks at every lesion and accepts it, rejects it (a false positive) or changes its
+class. Each correction is appended at once to ``corrections.jsonl`` in the slide's result
+folder, one JSON line (who, when, which lesion, what, before and after), flushed and synced to
+disk, so a crash loses nothing. The tables written by ``lungmets run`` are never changed: the
+reviewed state is the tables plus the journal, replayed by `ReviewSession`, and
+``lungmets cohort`` counts from it when a journal exists.
+
+If a slide is analysed again (``--force``, other parameters), its lesion ids may change; the
+journal's entries carry the lesion's position and are then matched to the nearest new lesion
+(within `MATCH_UM`); entries that match nothing are listed in `ReviewSession.unmatched`.
+
+Review classes: ``dormant`` (single cell, Ki67−), ``single`` (single cell, Ki67+ or Ki67 not
+imaged), ``cluster``, ``focus``. Status: ``unreviewed``, ``accepted``, ``corrected``,
+``rejected``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "corrections.jsonl"
+REVIEW_CLASSES = ("dormant", "single", "cluster", "focus")
+STATUSES = ("unreviewed", "accepted", "corrected", "rejected")
+#: A journal entry from an earlier analysis applies to the nearest lesion within this distance.
+MATCH_UM = 15.0
+
+
+def initial_review_class(lesions: pd.DataFrame) -> pd.Series:
+    """The review class of each lesion as the analysis called it."""
+    cls = lesions["class"].astype(str).copy()
+    dormant = lesions.get("dormant", pd.Series(False, index=lesions.index))
+    dormant = dormant.map(lambda v: str(v).lower() in ("true", "1", "1.0"))
+    cls[(cls == "single") & dormant] = "dormant"
+    return cls
+
+
+@dataclass
+class Correction:
+    """One line of the journal."""
+
+    seq: int
+    action: str  # set_class, reject, accept, undo
+    lesion_id: int | None
+    before: dict | None = None
+    after: dict | None = None
+    x_um: float | None = None
+    y_um: float | None = None
+    user: str = ""
+    time_utc: str = ""
+    run_key: str | None = None
+    undoes: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return os.environ.get("USER", "unknown")
+
+
+@dataclass
+class ReviewSession:
+    """The lesions of one result folder with the journal's corrections applied.
+
+    Parameters
+    ----------
+    folder : path-like
+        A slide's results (``lesions.csv``, ``summary.json``; ``corrections.jsonl`` if any).
+    user : str, optional
+        Recorded with each new correction (default: the login name).
+
+    Attributes
+    ----------
+    lesions : pandas.DataFrame
+        ``lesions.csv`` plus ``review_class`` and ``status``.
+    unmatched : list of Correction
+        Journal entries that match no lesion of the current tables.
+
+    Examples
+    --------
+    >>> s = ReviewSession("results/lung_IAV_d15")  # doctest: +SKIP
+    >>> s.set_class(12, "focus"); s.reject(3); s.undo()  # doctest: +SKIP
+    >>> s.counts()["focus"]  # doctest: +SKIP
+    """
+
+    folder: Path
+    user: str = field(default_factory=_user)
+    lesions: pd.DataFrame = field(init=False, repr=False)
+    unmatched: list = field(init=False, default_factory=list)
+    _history: list = field(init=False, default_factory=list, repr=False)
+    _seq: int = field(init=False, default=0)
+    _run_key: str | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        path = self.folder / "lesions.csv"
+        if not path.is_file():
+            raise InputError(
+                f"{self.folder}: not a lungmets result folder (no lesions.csv); "
+                "run 'lungmets run' on the slide first"
+            )
+        lesions = pd.read_csv(path)
+        lesions["review_class"] = initial_review_class(lesions)
+        lesions["status"] = "unreviewed"
+        self.lesions = lesions.set_index("lesion_id", drop=False)
+        self.lesions.index.name = None
+        try:
+            self._run_key = json.loads((self.folder / "summary.json").read_text()).get("run_key")
+        except (OSError, ValueError):
+            self._run_key = None
+        for c in read_journal(self.folder / JOURNAL):
+            self._replay(c)
+            self._seq = max(self._seq, c.seq)
+
+    # ----------------------------------------------------------------- journal replay
+
+    def _locate(self, c: Correction):
+        if c.lesion_id is None:
+            return None
+        if (c.run_key is None or c.run_key == self._run_key) and c.lesion_id in self.lesions.index:
+            return c.lesion_id
+        if c.x_um is None or len(self.lesions) == 0:
+            return None
+        d = np.hypot(self.lesions["x_um"] - c.x_um, self.lesions["y_um"] - c.y_um)
+        i = int(np.argmin(d.to_numpy()))
+        return self.lesions.index[i] if d.iloc[i] <= MATCH_UM else None
+
+    def _replay(self, c: Correction) -> None:
+        if c.action == "undo":
+            for k in range(len(self._history) - 1, -1, -1):
+                done, lid = self._history[k]
+                if done.seq == c.undoes:
+                    self._set(lid, done.before)
+                    del self._history[k]
+                    return
+            return
+        lid = self._locate(c)
+        if lid is None:
+            self.unmatched.append(c)
+            return
+        self._set(lid, c.after)
+        self._history.append((c, lid))
+
+    def _set(self, lesion_id, state: dict) -> None:
+        for k, v in state.items():
+            self.lesions.loc[lesion_id, k] = v
+
+    # ----------------------------------------------------------------- corrections
+
+    def _state(self, lesion_id) -> dict:
+        row = self.lesions.loc[lesion_id]
+        return {"review_class": str(row["review_class"]), "status": str(row["status"])}
+
+    def _record(self, action: str, lesion_id, after: dict) -> Correction:
+        if lesion_id not in self.lesions.index:
+            raise KeyError(f"no lesion {lesion_id} in {self.folder}")
+        row = self.lesions.loc[lesion_id]
+        self._seq += 1
+        c = Correction(
+            seq=self._seq,
+            action=action,
+            lesion_id=int(lesion_id),
+            before=self._state(lesion_id),
+            after=after,
+            x_um=float(row["x_um"]),
+            y_um=float(row["y_um"]),
+            user=self.user,
+            time_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+            run_key=self._run_key,
+        )
+        append_journal(self.folder / JOURNAL, c)
+        self._replay(c)
+        return c
+
+    def set_class(self, lesion_id: int, review_class: str) -> Correction:
+        """Give a lesion another class (``dormant``, ``single``, ``cluster``, ``focus``)."""
+        if review_class not in REVIEW_CLASSES:
+            raise ValueError(f"class must be one of {REVIEW_CLASSES}, got {review_class!r}")
+        return self._record(
+            "set_class", lesion_id, {"review_class": review_class, "status": "corrected"}
+        )
+
+    def reject(self, lesion_id: int) -> Correction:
+        """Mark a lesion as a false positive: it no longer counts."""
+        cls = str(self.lesions.loc[lesion_id, "review_class"])
+        return self._record("reject", lesion_id, {"review_class": cls, "status": "rejected"})
+
+    def accept(self, lesion_id: int) -> Correction:
+        """Confirm a lesion as it is."""
+        cls = str(self.lesions.loc[lesion_id, "review_class"])
+        return self._record("accept", lesion_id, {"review_class": cls, "status": "accepted"})
+
+    def undo(self) -> Correction | None:
+        """Take back the latest correction still in force; None if there is none."""
+        if not self._history:
+            return None
+        done, lid = self._history[-1]
+        self._seq += 1
+        c = Correction(
+            seq=self._seq,
+            action="undo",
+            lesion_id=int(lid),
+            before=self._state(lid),
+            after=dict(done.before),
+            user=self.user,
+            time_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+            run_key=self._run_key,
+            undoes=done.seq,
+        )
+        append_journal(self.folder / JOURNAL, c)
+        self._replay(c)
+        return c
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def n_corrections(self) -> int:
+        """Corrections in force (undone ones not counted)."""
+        return len(self._history)
+
+    def next_unreviewed(self, after: int | None = None) -> int | None:
+        """The next unreviewed lesion after `after` (in table order, wrapping), or None."""
+        ids = list(self.lesions.index[self.lesions["status"] == "unreviewed"])
+        if not ids:
+            return None
+        if after is None:
+            return ids[0]
+        order = list(self.lesions.index)
+        pos = order.index(after) if after in order else -1
+        later = [i for i in ids if order.index(i) > pos]
+        return (later or ids)[0]
+
+    def counts(self) -> dict:
+        """Counts after review (rejected lesions left out), as in summary.json."""
+        return reviewed_counts(self.lesions)
+
+
+def reviewed_counts(lesions: pd.DataFrame) -> dict:
+    """Counts of a reviewed lesion table (columns review_class, status, n_cells, n_ki67_pos).
+
+    Returns
+    -------
+    dict
+        her2_cells, lesions, single (dormant + Ki67+ singles), cluster, focus, dormant,
+        ki67_pos_cells (None without Ki67), cells_in_single/cluster/focus.
+    """
+    kept = lesions[lesions["status"] != "rejected"]
+    rc = kept["review_class"]
+    n = kept["n_cells"].astype(float)
+    ki67 = pd.to_numeric(kept.get("n_ki67_pos"), errors="coerce")
+    has_ki67 = ki67 is not None and (len(kept) == 0 or ki67.notna().any())
+    single = rc.isin(["dormant", "single"])
+    return {
+        "her2_cells": int(n.sum()),
+        "lesions": int(len(kept)),
+        "single": int(single.sum()),
+        "cluster": int((rc == "cluster").sum()),
+        "focus": int((rc == "focus").sum()),
+        "dormant": int((rc == "dormant").sum()) if has_ki67 else None,
+        "ki67_pos_cells": int(ki67.sum()) if has_ki67 else None,
+        "cells_in_single": int(n[single].sum()),
+        "cells_in_cluster": int(n[rc == "cluster"].sum()),
+        "cells_in_focus": int(n[rc == "focus"].sum()),
+    }
+
+
+def append_journal(path: str | os.PathLike, correction: Correction) -> None:
+    """Append one correction to the journal and force it to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(correction.to_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_journal(path: str | os.PathLike) -> list[Correction]:
+    """The corrections of a journal; a torn last line (a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for k, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(Correction(**json.loads(line)))
+        except (ValueError, TypeError):
+            log.warning("%s: line %d is not a correction and was skipped", path, k)
+    return out
