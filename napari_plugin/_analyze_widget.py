@@ -12,7 +12,6 @@ napari starts fast.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,13 +109,6 @@ def visible_region_px(viewer: napari.viewer.Viewer, layer) -> tuple[int, int, in
     if np.any(hi <= lo):
         return None
     return int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])
-
-
-def supports_region() -> bool:
-    """Whether `histo.pipeline.iter_analyze_slide` can analyse a region (``region_px=``)."""
-    from histo.pipeline import iter_analyze_slide
-
-    return "region_px" in inspect.signature(iter_analyze_slide).parameters
 
 
 def analyze_and_write(path, config, out_dir, region_px=None):
@@ -222,11 +214,6 @@ class AnalyzeWidget(QWidget):
         out_row.addWidget(self.out_button)
         self.view_check = QCheckBox("Current view only")
         self.view_check.setToolTip("Analyse only the region of the slide shown in the canvas")
-        if not supports_region():
-            self.view_check.setEnabled(False)
-            self.view_check.setToolTip(
-                "Needs histo.pipeline.iter_analyze_slide(..., region_px=) (not in this version)"
-            )
 
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")

@@ -2,13 +2,15 @@
 
 Run on demand (never in CI), on a machine with Xvfb::
 
-    xvfb-run -a python3 tests/benchmarks/bench_review.py [--lesions 10000] [--write]
+    xvfb-run -a python3 tests/benchmarks/bench_review.py [--lesions 10000] [--slide S] [--write]
 
 A result folder with N lesions (and their cells) spread over a 30 x 30 mm section is written,
 opened with the plugin's result reader in a real viewer with the Review widget docked, and
 these are timed, each repeated on 50 lesions: selecting a lesion (row selected, viewer centred
 and zoomed, point selected), changing its class (journal appended and synced to disk, layer
-colours, table row and counts updated), rejecting it, and undo. Also the time to open the folder.
+colours, table row and counts updated), rejecting it, and undo. Also the time to open the folder,
+and with ``--slide``, the time the plugin's reader takes to open a whole slide (lazy multiscale
+layers), to draw it first, and to pan (camera moved, window redrawn).
 """
 
 from __future__ import annotations
@@ -67,10 +69,49 @@ def write_results(folder: Path, n: int, seed: int = 0) -> None:
     (folder / "summary.json").write_text(json.dumps({"input": {"pixel_size_um": 0.5}}))
 
 
+def open_slide_times(path: Path) -> list[str]:
+    """Open a slide with the plugin's reader in a viewer; time reading, first draw and panning."""
+    import napari
+    import tifffile
+
+    from napari_plugin._reader import get_slide_reader
+    from napari_plugin._review_widget import _camera
+
+    viewer = napari.Viewer(show=False)
+    viewer.screenshot(canvas_only=False)  # the window's own first paint, not the slide's
+    t0 = time.perf_counter()
+    layers = get_slide_reader(str(path))(str(path))
+    for data, kw, kind in layers:
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    t_open = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    viewer.screenshot(canvas_only=False)
+    t_draw = time.perf_counter() - t0
+    camera = _camera(viewer)
+    pans = []
+    for _ in range(10):
+        c = list(camera.center)
+        c[-1] += 200.0
+        camera.center = c
+        t0 = time.perf_counter()
+        viewer.screenshot(canvas_only=False)
+        pans.append(time.perf_counter() - t0)
+    viewer.close()
+    with tifffile.TiffFile(path) as tf:
+        shape = tf.series[0].shape
+    return [
+        "",
+        f"Opening a {shape[-1]} x {shape[-2]} slide ({path.stat().st_size / 1e6:.0f} MB) with the "
+        f"plugin's reader: {t_open:.2f} s (layers added); first draw {t_draw:.2f} s; panning "
+        f"200 um and redrawing the window: median {np.median(pans) * 1000:.0f} ms.",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lesions", type=int, default=10000)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--slide", type=Path, default=None)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
@@ -109,6 +150,7 @@ def main() -> None:
         n_journal = len((folder / "corrections.jsonl").read_text().splitlines())
         viewer.close()
 
+    slide_lines = [] if args.slide is None else open_slide_times(args.slide)
     lines = [
         machine_line(),
         "Command: `xvfb-run -a python3 tests/benchmarks/bench_review.py "
@@ -126,6 +168,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {np.median(ms):.1f} | {np.percentile(ms, 95):.1f} | {ms.max():.1f} |"
         )
+    lines += slide_lines
     print("\n".join(lines))
     if args.write:
         write_section("bench_review", "Review widget responsiveness (napari)", lines)

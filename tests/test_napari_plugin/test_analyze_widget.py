@@ -159,10 +159,6 @@ def test_visible_region_follows_the_camera(make_napari_viewer, slide):
 
 
 def test_current_view_only_analyses_the_visible_region(make_napari_viewer, qtbot, slide, tmp_path):
-    from napari_plugin._analyze_widget import supports_region
-
-    if not supports_region():
-        pytest.skip("histo.pipeline.iter_analyze_slide has no region_px yet")
     viewer = make_napari_viewer()
     _open(viewer, slide)
     widget = _analyze_widget(viewer)
