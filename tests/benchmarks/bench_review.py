@@ -154,7 +154,10 @@ def main() -> None:
     lines = [
         machine_line(),
         "Command: `xvfb-run -a python3 tests/benchmarks/bench_review.py "
-        f"--lesions {args.lesions} --write`",
+        f"--lesions {args.lesions}"
+        + ("" if args.slide is None else " --slide SLIDE")
+        + " --write` (SLIDE: `lungmets synth slide SLIDE --size 16384x12288 --group IAV "
+        "--seed 5 --no-labels`)",
         "",
         f"Opening the result folder ({args.lesions} lesions) and docking the widget: "
         f"{t_open:.2f} s. Each action on {args.repeats} random lesions, including the repaint "
