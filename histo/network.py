@@ -128,39 +128,6 @@ def screen_mask(
     return ndi.binary_dilation(mask, iterations=r) if mask.any() else mask
 
 
-#: With a chunk core given, the screened network looks this far beyond it: a cell centred in
-#: the core (radius at most ~10 um) is then seen whole, so results are those without it.
-CORE_MARGIN_UM = 20.0
-
-
-def near_core(shape, core_px, origin_px, factor: int, margin: float) -> np.ndarray:
-    """Boolean map (model resolution, `shape`) of a level-0 core box grown by `margin` pixels.
-
-    Parameters
-    ----------
-    shape : (int, int)
-        Shape of the map at model resolution.
-    core_px : (y0, y1, x0, x1)
-        Level-0 box, end-exclusive.
-    origin_px : (int, int)
-        Level-0 position of the map's first pixel block.
-    factor : int
-        Level-0 pixels per model pixel.
-    margin : float
-        Growth, in model pixels.
-    """
-    y0, y1, x0, x1 = core_px
-    oy, ox = origin_px
-    m = int(np.ceil(margin))
-    ys = max(0, int(np.floor((y0 - oy) / factor)) - m)
-    ye = min(shape[0], int(np.ceil((y1 - oy) / factor)) + m)
-    xs = max(0, int(np.floor((x0 - ox) / factor)) - m)
-    xe = min(shape[1], int(np.ceil((x1 - ox) / factor)) + m)
-    out = np.zeros(shape, bool)
-    out[ys:ye, xs:xe] = True
-    return out
-
-
 def detect_cells_unet(
     image: np.ndarray,
     *,
@@ -170,15 +137,11 @@ def detect_cells_unet(
     config: AnalysisConfig,
     origin_px: tuple[int, int] = (0, 0),
     extra_channels: tuple[tuple[str, int], ...] = (),
-    core_px: tuple[int, int, int, int] | None = None,
 ) -> pd.DataFrame:
     """Find HER2+ cells in one tile with the network.
 
     Parameters and returned columns are those of `histo.detect.detect_cells`, plus
     ``centre_prob`` and ``cell_prob`` (the network's confidence at the cell's centre).
-    `core_px` (the chunk's core, level-0 ``(y0, y1, x0, x1)``), when given with the screen,
-    keeps the network to the core and `CORE_MARGIN_UM` around it: the halo is context for the
-    core's cells, not a place to find cells the neighbouring chunk reports anyway.
     """
     import torch
 
@@ -198,9 +161,6 @@ def detect_cells_unet(
         d = roles["DAPI"]
         nuclear_ratio = stain.nuclear[d] / stain.autofluorescence[d]
         screen = screen_mask(x, config, nuclear_ratio=nuclear_ratio, model_um_per_px=um)
-        if core_px is not None:
-            # Only cells centred in the chunk's core are kept: skip the halo's own cells.
-            screen &= near_core(screen.shape, core_px, origin_px, factor, CORE_MARGIN_UM / um)
     tile = int(model.config.get("tile_px", 512))
     try:
         maps = predict_maps(

@@ -118,7 +118,6 @@ def analyze_tile(
     else:
         from .detect import detect_cells as detect
 
-    kwargs = {"core_px": core.core} if core is not None and config.method == "unet" else {}
     cells = detect(
         pixels,
         roles=roles,
@@ -127,7 +126,6 @@ def analyze_tile(
         config=config,
         origin_px=origin_px,
         extra_channels=extra_channels,
-        **kwargs,
     )
     if core is not None and len(cells):
         cells = cells[core.owns(cells["y_px"].to_numpy(), cells["x_px"].to_numpy())]
