@@ -37,7 +37,7 @@ class AnalysisConfig:
     screen_her2_coverage : float
         ... or more than this fraction of the band is above 1.3x autofluorescence.
     screen_autofluorescence_ratio : float
-        With Ki67 imaged, a nucleus whose band is bright in Ki67 (above 1.2x, this multiple of
+        With Ki67 imaged, a nucleus whose band is bright in Ki67 (above 2x, this multiple of
         its HER2 and 0.3x the nucleus's Ki67) is a macrophage and is left out.
     screen_margin_um : float
         How far around a passing nucleus the network looks.

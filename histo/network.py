@@ -41,6 +41,11 @@ def model_factor(model_um_per_px: float, pixel_size_um: float, path="") -> int:
     return f
 
 
+#: A macrophage's band is bright in Ki67: at least this multiple of the Ki67 autofluorescence
+#: (a Ki67-negative cancer cell's band sits near 1-1.5x, the tissue's own level).
+MACROPHAGE_KI67_RATIO = 2.0
+
+
 def screen_mask(
     x: np.ndarray,
     config: AnalysisConfig,
@@ -76,9 +81,9 @@ def screen_mask(
        cells have no nucleus, and a nucleus that merely touches one (or an autofluorescent
        wall) is lit on one side only;
     3. where Ki67 was imaged, a nucleus is dropped when its band is bright in Ki67 too (above
-       1.2x, `screen_autofluorescence_ratio` x its HER2 and 0.3x the nucleus's own Ki67): a
-       macrophage's granules shine in every channel, while a cancer cell's Ki67 sits in its
-       nucleus;
+       `MACROPHAGE_KI67_RATIO`, `screen_autofluorescence_ratio` x its HER2 and 0.3x the
+       nucleus's own Ki67): a macrophage's granules shine in every channel, while a cancer
+       cell's Ki67 sits in its nucleus;
     4. the kept nuclei, grown by `screen_margin_um`.
 
     Thresholds sit well below every cancer cell of the tuning slides (the dimmest are about
@@ -118,7 +123,7 @@ def screen_mask(
             np.bincount(flat, minlength=n + 1), 1
         )
         keep &= ~(
-            (ki67_band > 1.2)
+            (ki67_band > MACROPHAGE_KI67_RATIO)
             & (ki67_band > config.screen_autofluorescence_ratio * her2_band)
             & (ki67_band > 0.3 * ki67_nucleus)
         )

@@ -86,6 +86,12 @@ def test_screen_skips_red_blood_cells_and_macrophages_and_keeps_dim_cells():
     assert mask[96, 96] and mask[96, 104]  # the cell and its HER2 ring
     assert not mask[24, 24]
     assert not mask[30, 96]
+    # A Ki67-negative cancer cell where the Ki67 channel's background is a little above the
+    # autofluorescence (1.3x, as seen beside a cell the screen once dropped): it is kept.
+    faint = ratio.copy()
+    faint[2] = 1.3
+    xf = np.concatenate([np.log1p(faint), np.ones((1, *shape), np.float32)])
+    assert screen_mask(xf, AnalysisConfig(), nuclear_ratio=nuclear)[96, 96]
     # Without Ki67 a macrophage cannot be told from a cancer cell: it is looked at.
     x[2:] = 0
     assert screen_mask(x, AnalysisConfig(), nuclear_ratio=nuclear)[30, 96]
