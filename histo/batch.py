@@ -369,7 +369,8 @@ def find_slides(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     InputError
         If an input does not exist or a folder holds no slide.
     """
-    exts = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs", ".ndpi", ".ome.zarr", ".zarr")
+    from .io import SLIDE_SUFFIXES as exts
+
     out: list[Path] = []
     for item in inputs:
         p = Path(item)

@@ -229,12 +229,6 @@ def resolve_slides(sheet: pd.DataFrame, sheet_path: str | os.PathLike) -> list[P
 # --------------------------------------------------------------------------- results
 
 
-def _slide_key(slide: str) -> str:
-    from .io import slide_name
-
-    return slide_name(slide)
-
-
 def load_sections(
     sheet: pd.DataFrame, results_dir: str | os.PathLike, sheet_path: str | os.PathLike = ""
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -258,6 +252,8 @@ def load_sections(
     InputError
         Listing every row whose results are missing or incomplete.
     """
+    from .io import slide_name
+
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise InputError(
@@ -266,7 +262,7 @@ def load_sections(
         )
     rows, problems, warnings = [], [], []
     for r in sheet.itertuples(index=False):
-        key = _slide_key(r.slide)
+        key = slide_name(r.slide)
         folder = results_dir / key
         summary_path = folder / "summary.json"
         if not summary_path.is_file():
@@ -312,7 +308,7 @@ def load_sections(
             "run 'lungmets run --samples SHEET --out RESULTS' (it skips finished slides):\n  "
             + "\n  ".join(problems)
         )
-    listed = {_slide_key(s) for s in sheet["slide"]}
+    listed = {slide_name(s) for s in sheet["slide"]}
     extra = sorted(
         p.name
         for p in results_dir.iterdir()

@@ -160,7 +160,8 @@ REQUIRED_ROLES = ("DAPI", "HER2")
 #: is at least this, like `pyramid_levels`.
 MIN_LEVEL_SIZE_PX = 1024
 
-_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".zarr")
+#: Names of the slides lungmets reads (longest first, so `slide_name` strips the whole suffix).
+SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".zarr")
 _FORMATS_HINT = "lungmets reads OME-TIFF, TIFF, SVS, NDPI and OME-Zarr"
 _CHANNELS_HINT = "e.g. --channels DAPI,HER2,Ki67 or --channels HER2=C1"
 _PIXEL_SIZE_HINT = "pass --pixel-size-um (e.g. --pixel-size-um 0.5)"
@@ -214,7 +215,7 @@ def slide_name(path: str | os.PathLike) -> str:
     'lung_IAV_d15'
     """
     name = Path(path).name
-    for suffix in _SLIDE_SUFFIXES:
+    for suffix in SLIDE_SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return Path(name).stem

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from ._layers import is_result_folder
 
-_SLIDE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs", ".ndpi", ".zarr")
-
 
 def _one(path):
     if isinstance(path, list | tuple):
@@ -21,8 +19,10 @@ def _one(path):
 
 def get_slide_reader(path):
     """A reader for OME-TIFF, TIFF, SVS, NDPI and OME-Zarr slides, or None."""
+    from histo.io import SLIDE_SUFFIXES
+
     p = _one(path)
-    if p is None or not str(p).lower().rstrip("/").endswith(_SLIDE_SUFFIXES):
+    if p is None or not str(p).lower().rstrip("/").endswith(SLIDE_SUFFIXES):
         return None
     return read_slide
 
