@@ -145,33 +145,30 @@ def lesions_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: f
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(folder: str | os.PathLike, pixel_size_um: float | None = None) -> list[Path]:
-    """Write ``cells.geojson`` and ``lesions.geojson`` beside a slide's result tables.
+def write_geojson(
+    cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: float, folder: str | os.PathLike
+) -> list[Path]:
+    """Write ``cells.geojson`` and ``lesions.geojson`` (atomically) into a slide's folder.
 
     Parameters
     ----------
+    cells, lesions : pandas.DataFrame
+        The slide's ``cells.csv`` and ``lesions.csv`` tables.
+    pixel_size_um : float
+        Level-0 pixel size of the slide.
     folder : path-like
-        A slide's results (``cells.csv``, ``lesions.csv``, ``summary.json``).
-    pixel_size_um : float, optional
-        Default: from ``summary.json``.
 
     Returns
     -------
     list of Path
     """
-    folder = Path(folder)
-    cells = pd.read_csv(folder / "cells.csv")
-    lesions = pd.read_csv(folder / "lesions.csv")
-    if pixel_size_um is None:
-        pixel_size_um = json.loads((folder / "summary.json").read_text())["input"]["pixel_size_um"]
+    from .outputs import _jsonable
+
     out = []
-    for name, fc in (
-        ("cells", cells_geojson(cells, lesions, pixel_size_um)),
-        ("lesions", lesions_geojson(cells, lesions, pixel_size_um)),
-    ):
-        path = folder / f"{name}.geojson"
+    for name, make in (("cells", cells_geojson), ("lesions", lesions_geojson)):
+        path = Path(folder) / f"{name}.geojson"
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(fc))
+            tmp.write_text(json.dumps(make(cells, lesions, pixel_size_um), default=_jsonable))
         out.append(path)
     return out
 

@@ -83,7 +83,7 @@ def write_results(result, out_dir: str | os.PathLike) -> Path:
     complete. Other files in the folder (a user's corrections) are left alone. Returns the
     folder.
     """
-    from .exports import cells_geojson, lesions_geojson
+    from .exports import write_geojson
     from .io import slide_name
 
     folder = Path(out_dir) / slide_name(result.slide_path)
@@ -93,9 +93,6 @@ def write_results(result, out_dir: str | os.PathLike) -> Path:
         summary.unlink()
     write_csv(result.cells, folder / "cells.csv", float_format="%.4f")
     write_csv(result.lesions, folder / "lesions.csv", float_format="%.4f")
-    px = result.summary["input"]["pixel_size_um"]
-    for name, make in (("cells", cells_geojson), ("lesions", lesions_geojson)):
-        with atomic_path(folder / f"{name}.geojson") as tmp:
-            tmp.write_text(json.dumps(make(result.cells, result.lesions, px), default=_jsonable))
+    write_geojson(result.cells, result.lesions, result.summary["input"]["pixel_size_um"], folder)
     write_json(result.summary, summary)
     return folder
