@@ -15,8 +15,6 @@ import logging
 import math
 import os
 import platform
-import queue
-import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._threads import iter_in_thread
 from ._version import __version__
 from .chunks import Chunk, plan_chunks
 from .config import AnalysisConfig
@@ -373,34 +372,24 @@ def _run_threaded(args, chunks, config, stain, threads):
     tasks = [dask.delayed(_chunk_task, pure=False)(*args, c, config, stain) for c in chunks]
     if not tasks:
         return []
-    done_q: queue.SimpleQueue = queue.SimpleQueue()
-    out: dict = {}
     chunk_keys = {t.key for t in tasks}
 
-    class _Tick(Callback):
-        def _posttask(self, key, result, dsk, state, worker_id):
-            if key in chunk_keys:
-                done_q.put(key)
+    def compute(emit):
+        done = 0
 
-    def run():
-        try:
-            with _Tick():
-                out["parts"] = dask.compute(*tasks, scheduler="threads", num_workers=threads)
-        except BaseException as exc:  # handed to the caller's thread below
-            out["error"] = exc
-        finally:
-            done_q.put(None)
+        class _Tick(Callback):
+            # Called by the scheduler's loop (one thread) as each task finishes.
+            def _posttask(self, key, result, dsk, state, worker_id):
+                nonlocal done
+                if key in chunk_keys:
+                    done += 1
+                    emit((done, len(tasks), "chunks"))
 
-    th = threading.Thread(target=run, name="lungmets-chunks", daemon=True)
-    th.start()
-    done = 0
-    while done_q.get() is not None:
-        done += 1
-        yield (done, len(tasks), "chunks")
-    th.join()
-    if "error" in out:
-        raise out["error"]
-    return list(out["parts"])
+        with _Tick():
+            return dask.compute(*tasks, scheduler="threads", num_workers=threads)
+
+    parts = yield from iter_in_thread(compute, thread_name="lungmets-chunks")
+    return list(parts)
 
 
 def _run_distributed(args, chunks, config, stain, *, workers=None, address=None):
