@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .review import JOURNAL, ReviewSession
+from .review import ReviewSession
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ SHEET_COLUMNS = ("slide", "mouse", "group", "dpi", "section")
 #: Names that mark the control group when ``control`` is not given.
 CONTROL_NAMES = ("PBS", "CONTROL", "MOCK", "SALINE", "CTRL", "VEHICLE")
 
-#: Counts of a slide's summary.json.
-SUMMARY_COUNTS = (
+#: Counts summed over the sections of a mouse (as `histo.review.reviewed_counts` gives them).
+COUNTS = (
     "her2_cells",
     "lesions",
     "single",
@@ -42,9 +42,10 @@ SUMMARY_COUNTS = (
     "focus",
     "dormant",
     "ki67_pos_cells",
+    "cells_in_single",
+    "cells_in_cluster",
+    "cells_in_focus",
 )
-#: Counts summed over the sections of a mouse (from each slide's summary.json / lesions.csv).
-COUNTS = SUMMARY_COUNTS + ("cells_in_single", "cells_in_cluster", "cells_in_focus")
 #: Columns a section row carries about how it was analysed.
 PROVENANCE_COLUMNS = (
     "method",
@@ -275,26 +276,20 @@ def load_sections(
             continue
         try:
             summary = json.loads(summary_path.read_text())
-            lesions = pd.read_csv(folder / "lesions.csv")
+            session = ReviewSession(folder)
         except Exception as exc:
             problems.append(f"line {r.line}: {r.slide}: unreadable results in {folder} ({exc})")
             continue
-        counts = summary.get("counts", {})
         row = dict(r._asdict())
-        by_class = lesions.groupby("class")["n_cells"].sum() if len(lesions) else {}
-        for cls in ("single", "cluster", "focus"):
-            counts = counts | {f"cells_in_{cls}": by_class.get(cls, 0)}
-        row["reviewed_corrections"] = 0
-        if (folder / JOURNAL).is_file():
-            # A scientist reviewed this slide: count what they kept, as they classed it.
-            session = ReviewSession(folder)
-            counts = session.counts()
-            row["reviewed_corrections"] = session.n_corrections
-            if session.unmatched:
-                warnings.append(
-                    f"{r.slide}: {len(session.unmatched)} review correction(s) match no lesion "
-                    "of the current results (re-analysed since?); see corrections.jsonl"
-                )
+        # The lesions as reviewed (corrections.jsonl), or as the analysis called them where
+        # nobody has reviewed them: one way of counting for both.
+        counts = session.counts()
+        row["reviewed_corrections"] = session.n_corrections
+        if session.unmatched:
+            warnings.append(
+                f"{r.slide}: {len(session.unmatched)} review correction(s) match no lesion "
+                "of the current results (re-analysed since?); see corrections.jsonl"
+            )
         for k in COUNTS:
             v = counts.get(k)
             row[k] = np.nan if v is None else float(v)

@@ -108,6 +108,7 @@ class ReviewSession:
     _history: list = field(init=False, default_factory=list, repr=False)
     _seq: int = field(init=False, default=0)
     _run_key: str | None = field(init=False, default=None)
+    _has_ki67: bool | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.folder = Path(self.folder)
@@ -123,9 +124,12 @@ class ReviewSession:
         self.lesions = lesions.set_index("lesion_id", drop=False)
         self.lesions.index.name = None
         try:
-            self._run_key = json.loads((self.folder / "summary.json").read_text()).get("run_key")
+            summary = json.loads((self.folder / "summary.json").read_text())
         except (OSError, ValueError):
-            self._run_key = None
+            summary = {}
+        self._run_key = summary.get("run_key")
+        roles = summary.get("input", {}).get("roles")
+        self._has_ki67 = None if roles is None else "Ki67" in roles
         for c in read_journal(self.folder / JOURNAL):
             self._replay(c)
             self._seq = max(self._seq, c.seq)
@@ -250,11 +254,14 @@ class ReviewSession:
 
     def counts(self) -> dict:
         """Counts after review (rejected lesions left out), as in summary.json."""
-        return reviewed_counts(self.lesions)
+        return reviewed_counts(self.lesions, self._has_ki67)
 
 
-def reviewed_counts(lesions: pd.DataFrame) -> dict:
+def reviewed_counts(lesions: pd.DataFrame, has_ki67: bool | None = None) -> dict:
     """Counts of a reviewed lesion table (columns review_class, status, n_cells, n_ki67_pos).
+
+    `has_ki67` says whether the slide had a Ki67 channel (default: whether any lesion has a
+    Ki67 count); without one the Ki67 counts are None, not 0.
 
     Returns
     -------
@@ -266,7 +273,8 @@ def reviewed_counts(lesions: pd.DataFrame) -> dict:
     rc = kept["review_class"]
     n = kept["n_cells"].astype(float)
     ki67 = pd.to_numeric(kept.get("n_ki67_pos"), errors="coerce")
-    has_ki67 = ki67 is not None and (len(kept) == 0 or ki67.notna().any())
+    if has_ki67 is None:
+        has_ki67 = ki67 is not None and (len(kept) == 0 or ki67.notna().any())
     single = rc.isin(["dormant", "single"])
     return {
         "her2_cells": int(n.sum()),
