@@ -54,3 +54,42 @@ def write_section(key: str, title: str, lines: list[str]) -> str:
         text = text.rstrip() + f"\n\n## {title}\n\n" + table + "\n"
     path.write_text(text)
     return table
+
+
+#: Held-out generated slides (group, dpi, Ki67 imaged), seeds 90001 on: never used for
+#: training, validation or tuning the screen.
+HELD_OUT = [
+    ("IAV", 9, True),
+    ("IAV", 15, True),
+    ("IAV", 28, True),
+    ("IAV", 15, False),
+    ("PBS", 15, True),
+    ("PBS", 28, False),
+]
+HELD_OUT_SEED = 90001
+
+
+def held_out_slides(folder: Path, size: str):
+    """Generate the `HELD_OUT` slides (``WxH``) into `folder`; yields (seed, spec, slide)."""
+    from histo.synthetic import generate_slide
+
+    w, h = (int(v) for v in size.split("x"))
+    for i, (group, dpi, ki67) in enumerate(HELD_OUT):
+        s = generate_slide(
+            Path(folder) / f"held_{i}.ome.tif",
+            size_px=(w, h),
+            group=group,
+            dpi=dpi,
+            seed=HELD_OUT_SEED + i,
+            ki67=ki67,
+            labels=False,
+        )
+        yield HELD_OUT_SEED + i, (group, dpi, ki67), s
+
+
+def synth_slide(path: Path, size: str, seed: int) -> Path:
+    """An infected (dpi 15) slide written by the real ``lungmets synth slide`` command."""
+    cmd = [sys.executable, "-m", "histo", "synth", "slide", str(path), "--size", size]
+    cmd += ["--group", "IAV", "--dpi", "15", "--seed", str(seed), "--no-labels"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return path

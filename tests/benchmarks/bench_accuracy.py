@@ -24,19 +24,9 @@ import pandas as pd
 from histo.config import AnalysisConfig
 from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
 from histo.pipeline import analyze_slide
-from histo.synthetic import generate_slide
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, write_section  # noqa: E402
-
-HELD_OUT = [  # (group, dpi, ki67)
-    ("IAV", 9, True),
-    ("IAV", 15, True),
-    ("IAV", 28, True),
-    ("IAV", 15, False),
-    ("PBS", 15, True),
-    ("PBS", 28, False),
-]
+from _common import HELD_OUT, held_out_slides, machine_line, write_section  # noqa: E402
 
 
 def _f1(tp, n_pred, n_truth):
@@ -88,21 +78,9 @@ def main() -> None:
     )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    w, h = (int(v) for v in args.size.split("x"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        slides = []
-        for i, (group, dpi, ki67) in enumerate(HELD_OUT):
-            s = generate_slide(
-                Path(tmp) / f"held_{i}.ome.tif",
-                size_px=(w, h),
-                group=group,
-                dpi=dpi,
-                seed=90001 + i,
-                ki67=ki67,
-                labels=False,
-            )
-            slides.append(s)
+        slides = [s for _, _, s in held_out_slides(Path(tmp), args.size)]
         variants = {}
         for name in args.perturb.split(","):
             variants[name] = (

@@ -19,13 +19,12 @@ process's own ``ru_maxrss``):
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, measure, write_section  # noqa: E402
+from _common import machine_line, measure, synth_slide, write_section  # noqa: E402
 
 _DECODE = """
 import sys, tifffile
@@ -63,28 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             slide = Path(tmp) / f"lung_{size}.ome.tif"
-            subprocess.run(
-                [
-                    py,
-                    "-m",
-                    "histo",
-                    "synth",
-                    "slide",
-                    str(slide),
-                    "--size",
-                    size,
-                    "--group",
-                    "IAV",
-                    "--dpi",
-                    "15",
-                    "--seed",
-                    "2",
-                    "--no-labels",
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            synth_slide(slide, size, seed=2)
             dec = measure([py, "-c", _DECODE, str(slide)])
             run = measure(
                 [

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,18 +27,16 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, measure, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    HELD_OUT,
+    held_out_slides,
+    machine_line,
+    measure,
+    synth_slide,
+    write_section,
+)
 
 _DECODE = "import sys, tifffile; tifffile.imread(sys.argv[1], level=0)"
-
-HELD_OUT = [  # (group, dpi, ki67), seeds 90001+
-    ("IAV", 9, True),
-    ("IAV", 15, True),
-    ("IAV", 28, True),
-    ("IAV", 15, False),
-    ("PBS", 15, True),
-    ("PBS", 28, False),
-]
 
 
 def _recall(screened, dense) -> tuple[int, int]:
@@ -82,22 +79,11 @@ def held_out_rows(size: str) -> list[str]:
 
     from histo.config import AnalysisConfig
     from histo.pipeline import analyze_slide
-    from histo.synthetic import generate_slide
 
-    w, h = (int(v) for v in size.split("x"))
     rows = []
     tot = [0, 0]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (group, dpi, ki67) in enumerate(HELD_OUT):
-            s = generate_slide(
-                Path(tmp) / f"held_{i}.ome.tif",
-                size_px=(w, h),
-                group=group,
-                dpi=dpi,
-                seed=90001 + i,
-                ki67=ki67,
-                labels=False,
-            )
+        for seed, (group, dpi, ki67), s in held_out_slides(Path(tmp), size):
             cfg = AnalysisConfig(method="unet", device="cpu")
             t = time.perf_counter()
             dense = analyze_slide(s.path, cfg.replace(screen=False))
@@ -109,7 +95,7 @@ def held_out_rows(size: str) -> list[str]:
             tot[0] += kept
             tot[1] += n
             px, tiles = _screen_share(s.path, cfg)
-            name = f"{90001 + i}: {group} d{dpi}{'' if ki67 else ' no Ki67'}"
+            name = f"{seed}: {group} d{dpi}{'' if ki67 else ' no Ki67'}"
             rows.append(
                 f"| {name} | {n} | {kept} ({kept / max(n, 1):.1%}) | "
                 f"{len(screened.cells)} / {len(dense.cells)} | {px:.1%} | {tiles:.0%} | "
@@ -138,28 +124,7 @@ def main() -> None:
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         slide = Path(tmp) / "lung.ome.tif"
-        subprocess.run(
-            [
-                py,
-                "-m",
-                "histo",
-                "synth",
-                "slide",
-                str(slide),
-                "--size",
-                args.size,
-                "--group",
-                "IAV",
-                "--dpi",
-                "15",
-                "--seed",
-                "3",
-                "--no-labels",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        synth_slide(slide, args.size, seed=3)
         dec = measure([py, "-c", _DECODE, str(slide)])
         runs = {}
         for name, extra in [
