@@ -17,6 +17,7 @@ from pathlib import Path
 
 from histo._version import __version__
 from histo.config import METHODS, AnalysisConfig
+from histo.demo import DemoSettings
 from histo.errors import InputError
 
 _DEFAULTS = AnalysisConfig()  # the one source of default settings (histo.config is light)
@@ -315,7 +316,7 @@ def _run_cohort(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from histo.demo import DemoSettings, headline_numbers, iter_demo
+    from histo.demo import headline_numbers, iter_demo
 
     settings = DemoSettings(
         mice=args.mice, sections=args.sections, dpis=args.dpis, size_px=args.size
@@ -427,6 +428,46 @@ def _run_synth_sample_data(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def _add_study_options(
+    parser: argparse.ArgumentParser,
+    *,
+    mice: int,
+    sections: int,
+    dpis: Sequence[int],
+    size_px: tuple[int, int],
+) -> None:
+    """The options that shape a generated study, with their defaults."""
+    parser.add_argument(
+        "--mice",
+        type=_positive_int,
+        default=mice,
+        metavar="N",
+        help="mice per group and time point (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sections",
+        type=_positive_int,
+        default=sections,
+        metavar="N",
+        help="sections per mouse (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dpi",
+        dest="dpis",
+        type=_int_list,
+        default=",".join(map(str, dpis)),
+        metavar="D1,D2,...",
+        help="time points in days post infection (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_size_px,
+        default="{}x{}".format(*size_px),
+        metavar="WxH",
+        help="slide size in pixels at full resolution (default: %(default)s)",
+    )
 
 
 def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
@@ -620,34 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder for the study, results and report (default: %(default)s)",
     )
-    demo.add_argument(
-        "--mice",
-        type=_positive_int,
-        default=4,
-        metavar="N",
-        help="mice per group and time point (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--sections",
-        type=_positive_int,
-        default=3,
-        metavar="N",
-        help="sections per mouse (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--dpi",
-        dest="dpis",
-        type=_int_list,
-        default="3,15",
-        metavar="D1,D2,...",
-        help="time points in days post infection (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--size",
-        type=_size_px,
-        default="1024x768",
-        metavar="WxH",
-        help="slide size in pixels (default: %(default)s)",
+    defaults = DemoSettings()
+    _add_study_options(
+        demo,
+        mice=defaults.mice,
+        sections=defaults.sections,
+        dpis=defaults.dpis,
+        size_px=defaults.size_px,
     )
     _add_method_options(demo, workers=False)
     demo.set_defaults(handler=_run_demo)
@@ -809,35 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     cohort.add_argument("outdir", type=Path, metavar="OUTDIR", help="the folder to write into")
-    cohort.add_argument(
-        "--mice",
-        type=_positive_int,
-        default=4,
-        metavar="N",
-        help="mice per group and time point (default: %(default)s)",
-    )
-    cohort.add_argument(
-        "--sections",
-        type=_positive_int,
-        default=3,
-        metavar="N",
-        help="sections per mouse (default: %(default)s)",
-    )
-    cohort.add_argument(
-        "--dpi",
-        dest="dpis",
-        type=_int_list,
-        default="3,9,15,28",
-        metavar="D1,D2,...",
-        help="time points in days post infection (default: %(default)s)",
-    )
-    cohort.add_argument(
-        "--size",
-        type=_size_px,
-        default="4096x3072",
-        metavar="WxH",
-        help="slide size in pixels at full resolution (default: %(default)s)",
-    )
+    _add_study_options(cohort, mice=4, sections=3, dpis=(3, 9, 15, 28), size_px=(4096, 3072))
     cohort.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     cohort.add_argument("--no-ki67", action="store_true", help="leave out the Ki67 channel")
     cohort.add_argument(
