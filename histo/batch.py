@@ -124,8 +124,7 @@ def finished_outcome(folder: Path, key: str) -> SlideOutcome | None:
 def max_parallel_slides(config: AnalysisConfig, threads_per_slide: int) -> int:
     """How many slides fit in memory at once (estimate from the available memory)."""
     avail = _available_bytes()
-    kind = "unet" if config.method == "unet" and config.screen else config.method
-    kind = "unet-dense" if config.method == "unet" and not config.screen else kind
+    kind = "unet-dense" if config.method == "unet" and not config.screen else config.method
     per_task = _TASK_BYTES[kind] * (config.chunk_size_px / 2048) ** 2
     per_slide = 0.4e9 + threads_per_slide * per_task
     return max(1, int(0.7 * avail // per_slide))
