@@ -71,7 +71,8 @@ def downsample_mean(image: np.ndarray, factor: int = 2) -> np.ndarray:
     out = np.empty((c, h2, w2), image.dtype)
     for i in range(c):  # one channel at a time keeps the float temporary small
         blk = image[i, : h2 * factor, : w2 * factor].reshape(h2, factor, w2, factor)
-        out[i] = np.rint(blk.mean(axis=(1, 3), dtype=np.float32)).astype(image.dtype)
+        m = blk.mean(axis=(1, 3), dtype=np.float32)
+        out[i] = m if image.dtype.kind == "f" else np.rint(m).astype(image.dtype)
     return out
 
 

@@ -16,7 +16,8 @@ import pandas as pd
 from .._version import __version__
 from ..io import pyramid_levels, slide_name, write_ome_tiff
 from ..outputs import atomic_path, write_csv, write_json
-from ._render import render_counts, render_labels
+from ._appearance import Appearance
+from ._render import file_dtype, render_counts, render_labels
 from ._scene import CHANNELS, LABEL_CHANNELS, SlideSpec, build_scene
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def generate_slide(
     mouse_burden: float = 1.0,
     mouse_response: float = 1.0,
     pixel_size_um: float = 0.5,
+    appearance: Appearance | None = None,
     labels: bool = True,
     progress: Progress | None = None,
 ) -> SyntheticSlide:
@@ -110,6 +112,10 @@ def generate_slide(
         infection (1 = average mouse); sections of one mouse share them.
     pixel_size_um : float
         Level-0 pixel size.
+    appearance : Appearance, optional
+        How the slide looks: HER2 pattern, nucleus visibility, packing, autofluorescence,
+        bleed-through, tumour-dense tissue, dynamic range, tissue layout (`Appearance`; the
+        default is the generator's original style).
     labels : bool
         Also write the instance label masks (``labels.ome.tif``).
     progress : callable(done, total, message), optional
@@ -139,6 +145,7 @@ def generate_slide(
         ki67=ki67,
         mouse_burden=mouse_burden,
         mouse_response=mouse_response,
+        appearance=appearance or Appearance(),
     )
     scene = build_scene(spec)
     t_scene = time.perf_counter() - t0
@@ -154,7 +161,7 @@ def generate_slide(
             progress(done, total, msg)
 
     channels = list(CHANNELS) if ki67 else list(CHANNELS[:2])
-    image = np.empty((len(channels), height, width), np.uint16)
+    image = np.empty((len(channels), height, width), file_dtype(scene))
     for b in range(n_bands):
         y0, y1 = b * BAND_ROWS, min(height, (b + 1) * BAND_ROWS)
         image[:, y0:y1] = render_counts(scene, y0, y1)[: len(channels)]
@@ -172,6 +179,8 @@ def generate_slide(
         "spec": asdict(spec),
         "channels": channels,
         "pixel_size_um": pixel_size_um,
+        "appearance": spec.appearance.to_dict(),
+        "dtype": str(image.dtype),
         "size_px": [width, height],
         "tissue_area_mm2": scene.tissue_area_mm2,
         "counts": _counts(scene.lesions, scene.cells),

@@ -89,6 +89,8 @@ def render_expected(scene: Scene, y0: int, y1: int) -> np.ndarray:
     wall = np.clip((hw - dist) / 0.8 + 0.5, 0.0, 1.0)
     # Lung autofluorescence: bright elastic septa, faint interstitium, inflamed regions.
     density = tissue * (wall * tex + 0.06 + 0.35 * infl)
+    if scene.extras.get("af_field") is not None:  # slow unevenness of autofluorescence
+        density *= _upsample_rows(scene.extras["af_field"], f, ya, yb, W)
     img = stain.af[:, None, None].astype(np.float32) * density[None]
     del tissue, dist, hw, tex, infl, wall, density
 
@@ -118,6 +120,10 @@ def render_expected(scene: Scene, y0: int, y1: int) -> np.ndarray:
     # Stain and exposure gain, and the scanner's per-field illumination.
     img *= stain.gain[:, None, None].astype(np.float32)
     img *= _illumination(scene, y0, y1)
+    bleed = scene.spec.appearance.bleed_through
+    if bleed > 0:  # emission of one dye seen through the next channel's filter
+        img[2] += bleed * img[1]
+        img[1] += bleed * img[0]
     return img
 
 
@@ -142,11 +148,32 @@ def _illumination(scene: Scene, y0: int, y1: int) -> np.ndarray:
     return out
 
 
+def file_dtype(scene: Scene) -> np.dtype:
+    """The numpy dtype of the slide's pixels (a 12-bit camera writes uint16)."""
+    return np.dtype(
+        {"uint8": "uint8", "float32": "float32"}.get(scene.spec.appearance.dtype, "uint16")
+    )
+
+
+def _dynamic_range(scene: Scene) -> tuple[float, float]:
+    """Scale from 16-bit camera counts to the file's values, and the largest value."""
+    dtype = scene.spec.appearance.dtype
+    if dtype == "uint8":  # an 8-bit export: ordinary nuclei near 180, the brightest saturate
+        return 180.0 / float(scene.stain.nucleus_dapi * scene.stain.gain[0]), 255.0
+    if dtype == "uint12":
+        return 0.5, 4095.0
+    if dtype == "float32":  # intensities as fractions of the 16-bit range
+        return 1.0 / 65535.0, np.inf
+    return 1.0, 65535.0
+
+
 def render_counts(scene: Scene, y0: int, y1: int) -> np.ndarray:
-    """Camera counts (uint16) of rows [y0, y1): expected signal plus shot and read noise.
+    """Pixel values of rows [y0, y1): expected signal plus shot and read noise.
 
     Shot noise uses the Gaussian approximation of the Poisson distribution (its variance is
-    the signal in electrons), which is exact enough at these counts and much faster.
+    the signal in electrons), which is exact enough at these counts and much faster. The
+    values are 16-bit camera counts (uint16), or what the appearance's dynamic range makes of
+    them (`file_dtype`): scaled and rounded to 8 or 12 bits, or scaled floats.
     """
     stain = scene.stain
     sig = render_expected(scene, y0, y1)
@@ -154,8 +181,12 @@ def render_counts(scene: Scene, y0: int, y1: int) -> np.ndarray:
     z = _block_normal(scene.extras["render_seed"], 1, y0, y1, scene.spec.width_px, 3)
     var = sig / stain.electrons_per_count + stain.read_noise**2
     sig += np.sqrt(var) * z + stain.offset
-    np.clip(sig, 0, 65535, out=sig)
-    return np.rint(sig).astype(np.uint16)
+    scale, top = _dynamic_range(scene)
+    dtype = file_dtype(scene)
+    if scale != 1.0:
+        sig *= np.float32(scale)
+    np.clip(sig, 0, top, out=sig)
+    return sig.astype(dtype) if dtype.kind == "f" else np.rint(sig).astype(dtype)
 
 
 def render_labels(scene: Scene, which: str, y0: int, y1: int) -> np.ndarray:

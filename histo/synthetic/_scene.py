@@ -25,6 +25,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from ._appearance import Appearance
 from ._biology import DCC_DENSITY_PER_MM2, LesionModel, draw_lesion_sizes, lesion_model
 
 DESIGN_UM = 2.0
@@ -33,7 +34,7 @@ CHANNELS = ("DAPI", "HER2", "Ki67")
 LABEL_CHANNELS = ("nuclei", "cells", "lesions")
 
 # Kinds of labelled nuclei, as written to nuclei.csv.
-NUCLEUS_KINDS = ("septal", "epithelial", "immune", "macrophage", "cancer")
+NUCLEUS_KINDS = ("septal", "epithelial", "immune", "macrophage", "cancer", "hepatocyte")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class SlideSpec:
         Multiplies the density of disseminated cells; shared by a mouse's sections.
     mouse_response : float
         Strength of this mouse's response to infection; shared by a mouse's sections.
+    appearance : Appearance
+        How the slide looks (staining pattern, autofluorescence, dynamic range, tissue
+        layout ...); the default is the generator's original style.
     """
 
     width_px: int = 8192
@@ -69,6 +73,7 @@ class SlideSpec:
     ki67: bool = True
     mouse_burden: float = 1.0
     mouse_response: float = 1.0
+    appearance: Appearance = field(default_factory=Appearance)
 
     def __post_init__(self):
         if self.width_px < 256 or self.height_px < 256:
@@ -472,10 +477,13 @@ def _structures(rng, design_shape, tissue, dist, halfwidth, area_mm2):
 # ----------------------------------------------------------------------------- cancer lesions
 
 
-def _grow_lesion(rng, n):
+def _grow_lesion(rng, n, app: Appearance = Appearance()):
     """Cell centres (um, relative), cell radii, nucleus centres, semi-axes and angles."""
-    r_cell = rng.uniform(6.0, 9.0, n)
-    a_nuc = np.minimum(rng.uniform(4.5, 6.0, n), r_cell - 1.5)
+    d_lo, d_hi = app.cell_diameter_um
+    size = 0.5 * (d_lo + d_hi) / 15.0  # nuclei scale with the cells (1 for the default)
+    p_lo, p_hi = app.packing
+    r_cell = rng.uniform(0.5 * d_lo, 0.5 * d_hi, n)
+    a_nuc = np.minimum(rng.uniform(4.5 * size, 6.0 * size, n), r_cell - 1.5 * size)
     b_nuc = a_nuc * rng.uniform(0.75, 1.0, n)
     th = rng.uniform(0, math.pi, n)
     off = rng.uniform(0, 1, n)[:, None] * 0.12 * r_cell[:, None]
@@ -490,10 +498,10 @@ def _grow_lesion(rng, n):
             tries += 1
             j = int(rng.integers(placed))
             ang = rng.uniform(0, 2 * math.pi)
-            dist = (r_cell[j] + r_cell[k]) * rng.uniform(0.86, 1.0)
+            dist = (r_cell[j] + r_cell[k]) * rng.uniform(p_lo, p_hi)
             cand = centres[j] + dist * np.array([math.sin(ang), math.cos(ang)])
             d_c = np.hypot(*(centres[:placed] - cand).T)
-            if np.any(d_c < 0.84 * (r_cell[:placed] + r_cell[k])):
+            if np.any(d_c < min(0.84, 0.98 * p_lo) * (r_cell[:placed] + r_cell[k])):
                 continue
             nuc = cand + nuc_off[k]
             d_n = np.hypot(*(centres[:placed] + nuc_off[:placed] - nuc).T)
@@ -525,8 +533,14 @@ def _render_lesion(
     ki67_amp,
     first_cell_id,
     lesion_id,
+    app: Appearance = Appearance(),
+    r_app=None,
 ):
-    """Render one lesion into a sprite; returns (sprite, nucleus centres px, areas)."""
+    """Render one lesion into a sprite; returns (sprite, nucleus centres px, areas).
+
+    `r_app` draws what only a non-default `app` needs (the default's random stream, and so its
+    pixels, stay as they were before appearance families existed).
+    """
     centres_um, r_cell, nuc_um, a_nuc, b_nuc, th = cells
     n = len(r_cell)
     c_px = centres_um / px_um + [cy_px, cx_px]
@@ -571,6 +585,9 @@ def _render_lesion(
 
     # Nuclei.
     nucleus_soft = np.zeros((h, w), np.float32)
+    dapi_soft = nucleus_soft if app.ki67_dapi == 1.0 and not app.nucleoli else None
+    if dapi_soft is None:
+        dapi_soft = np.zeros((h, w), np.float32)
     nucleus_label = np.zeros((h, w), np.int32)
     ki67_tex = np.zeros((h, w), np.float32)
     speckle = np.clip(_smooth_noise(rng, (h, w), 0.9 / px_um * 0.5, mode="reflect"), -2, 3)
@@ -589,6 +606,14 @@ def _render_lesion(
         rho = np.sqrt(u * u + v * v)
         soft = (1.0 / (1.0 + np.exp(-(1.0 - rho) * 0.5 * (a + b) / edge))).astype(np.float32)
         np.maximum(nucleus_soft[sy, sx], soft, out=nucleus_soft[sy, sx])
+        if dapi_soft is not nucleus_soft:
+            d = soft * (app.ki67_dapi if ki67_pos[i] else 1.0)
+            if app.nucleoli:  # 1-3 DAPI-dim nucleoli of about 1.5 um
+                for _ in range(int(r_app.integers(1, 4))):
+                    ny, nx = r_app.uniform(-0.45, 0.45, 2) * (a, b)
+                    s2 = 2 * (0.75 / px_um) ** 2
+                    d = d * (1 - 0.75 * np.exp(-((dy - ny) ** 2 + (dx - nx) ** 2) / s2))
+            np.maximum(dapi_soft[sy, sx], d.astype(np.float32), out=dapi_soft[sy, sx])
         lab = rho < 1.0
         nucleus_label[sy, sx][lab] = first_cell_id + i
         cell_label[sy, sx][lab] = first_cell_id + i  # the nucleus belongs to its own cell
@@ -599,7 +624,7 @@ def _render_lesion(
     # HER2: membrane-bright, cytoplasmic, weak over the nucleus, granular.
     membrane = np.exp(-((bdist_um / 0.9) ** 2))
     cyto_tex = np.clip(1.0 + 0.3 * _smooth_noise(rng, (h, w), 1.5, mode="reflect"), 0.3, 2.0)
-    pattern = (0.45 * cyto_tex + 1.1 * membrane) * (1.0 - 0.7 * nucleus_soft)
+    pattern = _her2_pattern(app, membrane, cyto_tex, nucleus_soft, r_app, px_um)
     body = 1.0 / (1.0 + np.exp(-np.clip(outer_um, -5, 5) / 0.3))
     pattern = pattern * body
     cells_mean = np.bincount(
@@ -612,7 +637,7 @@ def _render_lesion(
     her2 = pattern * scale_per_cell[own].astype(np.float32)
 
     image = np.zeros((3, h, w), np.float32)
-    image[0] = dapi_amp * nucleus_soft * np.clip(1.0 + 0.25 * chrom, 0.3, 2.0)
+    image[0] = dapi_amp * dapi_soft * np.clip(1.0 + 0.25 * chrom, 0.3, 2.0)
     image[1] = her2
     image[2] = ki67_amp * ki67_tex
     lesion_label = cell_label > 0
@@ -629,6 +654,104 @@ def _render_lesion(
         np.bincount(nucleus_label.ravel(), minlength=first_cell_id + n)[first_cell_id:] * px_um**2
     )
     return sprite, nuc_px, cell_area, nuc_area, float(lesion_label.sum() * px_um**2)
+
+
+def _her2_pattern(app, membrane, cyto_tex, nucleus_soft, r_app, px_um):
+    """Relative HER2 over a lesion's patch for the appearance's staining pattern."""
+    p = app.her2_pattern
+    if p == "default":
+        return (0.45 * cyto_tex + 1.1 * membrane) * (1.0 - 0.7 * nucleus_soft)
+    if p == "membrane":
+        return (0.06 * cyto_tex + 1.3 * membrane) * (1.0 - 0.9 * nucleus_soft)
+    if p == "cytoplasmic":
+        return (0.9 * cyto_tex + 0.25 * membrane) * (1.0 - 0.6 * nucleus_soft)
+    if p == "over_nucleus":  # the whole cell body, the nucleus included: no dark hole
+        return (0.8 * cyto_tex + 0.45 * membrane) * (1.0 + 0.1 * nucleus_soft)
+    if p == "weak_membrane":
+        return (1.0 * cyto_tex + 0.12 * membrane) * (1.0 - 0.7 * nucleus_soft)
+    # granular: punctate granules of about 1 um in the cytoplasm, a faint membrane
+    dots = _smooth_noise(r_app, membrane.shape, 0.5 / px_um, mode="reflect")
+    granules = np.clip(dots - 0.8, 0, None) * 2.5
+    return (0.1 + granules + 0.3 * membrane) * (1.0 - 0.6 * nucleus_soft)
+
+
+def _tumour_regions(rng, dshape, tissue, fraction, factor, px_um, app):
+    """Solid tumour covering `fraction` of the tissue: cells on a jittered hexagonal lattice.
+
+    Returns a list of lesions, each ``(centre_px (2,), cells tuple as `_grow_lesion`)``: one per
+    connected region of tumour, of a few to thousands of cells.
+    """
+    field = _coarse_field(rng, dshape, 8.0, 70.0)
+    inner = ndi.binary_erosion(tissue > 0.98, iterations=3)
+    if not inner.any():
+        return [], None
+    thr = np.quantile(field[inner], 1.0 - fraction)
+    region = inner & (field > thr)
+    lab, n = ndi.label(region)
+    if n == 0:
+        return [], None
+    d_lo, d_hi = app.cell_diameter_um
+    p_lo, p_hi = app.packing
+    spacing = 0.5 * (d_lo + d_hi) * 0.5 * (p_lo + p_hi)  # um between neighbouring centres
+    size = 0.5 * (d_lo + d_hi) / 15.0
+    hd, wd = dshape
+    ys = np.arange(0, hd * DESIGN_UM, spacing * math.sqrt(3) / 2)
+    pts = []
+    for r, y in enumerate(ys):
+        xs = np.arange((r % 2) * spacing / 2, wd * DESIGN_UM, spacing)
+        pts.append(np.c_[np.full(xs.size, y), xs])
+    pts = np.concatenate(pts) + rng.normal(0, 0.08 * spacing, (sum(len(p) for p in pts), 2))
+    iy = np.clip((pts[:, 0] / DESIGN_UM).astype(int), 0, hd - 1)
+    ix = np.clip((pts[:, 1] / DESIGN_UM).astype(int), 0, wd - 1)
+    comp = lab[iy, ix]
+    out = []
+    for k in range(1, n + 1):
+        c = pts[comp == k]
+        if len(c) == 0:
+            continue
+        m = len(c)
+        r_cell = np.full(m, spacing / 2 / max(0.5 * (p_lo + p_hi), 0.5)) * rng.uniform(
+            0.92, 1.08, m
+        )
+        a_nuc = np.minimum(rng.uniform(4.5 * size, 6.0 * size, m), 0.42 * spacing)
+        b_nuc = a_nuc * rng.uniform(0.75, 1.0, m)
+        th = rng.uniform(0, math.pi, m)
+        phi = rng.uniform(0, 2 * math.pi, m)
+        off = rng.uniform(0, 0.08, m)[:, None] * spacing * np.c_[np.sin(phi), np.cos(phi)]
+        centre_um = c.mean(axis=0)
+        rel = c - centre_um
+        out.append((centre_um / px_um, (rel, r_cell, rel + off, a_nuc, b_nuc, th)))
+    return out, region
+
+
+def _liver_field(rng, dshape, tissue):
+    """Liver-like parenchyma: polygonal hepatocytes (~24 um) with sinusoids between them.
+
+    Returns (distance-like field, half-width, hepatocyte centres in um) in the form
+    `render_expected` draws as walls: bright cytoplasm inside each cell, dark at its edges.
+    """
+    hd, wd = dshape
+    spacing = rng.uniform(21.0, 26.0)
+    gy = np.arange(0, hd * DESIGN_UM + spacing, spacing)
+    gx = np.arange(0, wd * DESIGN_UM + spacing, spacing)
+    sy, sx = np.meshgrid(gy, gx, indexing="ij")
+    seeds = np.c_[sy.ravel(), sx.ravel()] + rng.uniform(-0.3, 0.3, (sy.size, 2)) * spacing
+    iy, ix = np.nonzero(tissue > 0)
+    pts = np.c_[(iy + 0.5) * DESIGN_UM, (ix + 0.5) * DESIGN_UM]
+    d, _ = cKDTree(seeds).query(pts, k=2, workers=-1)
+    edge = np.full(dshape, 1e3, np.float32)
+    edge[iy, ix] = 0.5 * (d[:, 1] - d[:, 0])
+    dist = np.clip(2.2 - edge, 0.0, None).astype(np.float32)  # 0 inside a cell, > 0 at edges
+    halfwidth = np.full(dshape, 1.0, np.float32)
+    return dist, halfwidth, seeds
+
+
+def _stroma_texture(rng, dshape):
+    """Fibrous texture of dense stroma: bundles elongated along a slowly turning direction."""
+    a = _smooth_noise(rng, dshape, (0.6, 5.0), mode="reflect")
+    b = _smooth_noise(rng, dshape, (5.0, 0.6), mode="reflect")
+    w = np.clip(0.5 + 0.5 * _coarse_field(rng, dshape, 8.0, 120.0), 0, 1)
+    return np.clip(1.0 + 0.5 * (w * a + (1 - w) * b), 0.2, 2.2).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the scene
@@ -655,17 +778,50 @@ def build_scene(spec: SlideSpec) -> Scene:
     dshape = (math.ceil(H / factor), math.ceil(W / factor))
     frame_um = (H * px, W * px)
     model = lesion_model(spec.group, spec.dpi, spec.mouse_response)
+    app = spec.appearance
+    # Everything only a non-default appearance needs comes from its own stream, so that the
+    # default style's pixels do not change.
+    r_app = np.random.default_rng([spec.seed, 0xA991])
     stain = _draw_stain(r_stain, spec)
+    af_base = stain.af.copy()
+    stain.af = stain.af * app.autofluorescence
     templates, kinds = _build_templates(r_tpl, px)
+    if app.layout == "liver":  # hepatocyte nuclei: large, round, pale chromatin
+        kinds["hepatocyte"] = np.arange(len(templates), len(templates) + 12)
+        for _ in range(12):
+            a = r_app.uniform(3.6, 4.6) / px
+            templates.append(
+                _ellipse_template(
+                    r_app,
+                    a,
+                    a * r_app.uniform(0.85, 1.0),
+                    r_app.uniform(0, math.pi),
+                    0.35 / px,
+                    0.2,
+                )
+            )
 
     tissue = _tissue_field(r_tissue, dshape, frame_um)
     # Tissue area counts level-0 pixels inside the frame only.
     tissue_area_mm2 = float(tissue.sum() * DESIGN_UM**2 * 1e-6)
     dist, halfwidth = _septa(r_tissue, dshape, tissue)
+    hepatocytes = None
+    if app.layout == "stroma":  # no airspaces: fibrous tissue everywhere
+        dist = np.where(tissue > 0, 0.0, 1e3).astype(np.float32)
+        halfwidth = np.full(dshape, 3.0, np.float32)
+    elif app.layout == "liver":
+        dist, halfwidth, hepatocytes = _liver_field(r_app, dshape, tissue)
     epithelium, vessel_lumen, cuff = _structures(
         r_struct, dshape, tissue, dist, halfwidth, tissue_area_mm2
     )
     texture = np.clip(1.0 + 0.25 * _coarse_field(r_tissue, dshape, 4.0, 6.0), 0.4, 1.8)
+    if app.layout == "stroma":
+        texture = _stroma_texture(r_app, dshape)
+    elif app.layout == "liver":  # granular hepatocyte cytoplasm (lipofuscin)
+        texture = np.clip(1.0 + 0.35 * _smooth_noise(r_app, dshape, 0.8), 0.3, 2.0)
+    af_field = None
+    if app.af_unevenness > 0:
+        af_field = np.exp(app.af_unevenness * _coarse_field(r_app, dshape, 16.0, 150.0))
 
     # Virus-driven immune infiltrates: peribronchiolar cuffs and patchy pneumonia.
     infiltrate = np.zeros(dshape, np.float32)
@@ -706,7 +862,9 @@ def build_scene(spec: SlideSpec) -> Scene:
     af = stain.af
     ki67_normal = 0.02 + 0.06 * model.infiltrate
     # Septal and interstitial nuclei along the walls (about one per 45 um² of wall).
-    n_sept = r_obj.poisson(wall.sum() * um2 / 45.0)
+    # (one per 110 um² in dense stroma; only sinusoidal cells between hepatocytes)
+    um2_per_nucleus = {"alveolar": 45.0, "stroma": 110.0, "liver": 600.0}[app.layout]
+    n_sept = r_obj.poisson(wall.sum() * um2 / um2_per_nucleus)
     place(
         "septal",
         "septal",
@@ -716,6 +874,13 @@ def build_scene(spec: SlideSpec) -> Scene:
         0.3 * af[2],
         ki67_normal,
     )
+    if hepatocytes is not None:
+        hy = (hepatocytes[:, 0] / DESIGN_UM).astype(int)
+        hx = (hepatocytes[:, 1] / DESIGN_UM).astype(int)
+        ok = (hy >= 0) & (hy < dshape[0]) & (hx >= 0) & (hx < dshape[1])
+        flat = np.ravel_multi_index((hy[ok], hx[ok]), dshape)
+        flat = flat[tissue.ravel()[flat] > 0.5]
+        place("hepatocyte", "hepatocyte", flat, 0.7 * nd, 0.1 * af[1], 0.3 * af[2], 0.02)
     n_epi = r_obj.poisson(epithelium.sum() * um2 / 28.0)
     place(
         "epithelial",
@@ -780,9 +945,15 @@ def build_scene(spec: SlideSpec) -> Scene:
     sizes, awake = draw_lesion_sizes(r_les, n_dcc, model)
     order = np.argsort(-sizes, kind="stable")
     sizes, awake = sizes[order], awake[order]
-    grown = [_grow_lesion(r_les, int(s)) for s in sizes]
+    grown = [_grow_lesion(r_les, int(s), app) for s in sizes]
     radii_um = [float(np.hypot(*g[0].T).max() + g[1].max()) for g in grown]
     inner = tissue > 0.98
+    nests = []
+    if app.tumour_fraction > 0:
+        # Solid tumour first; the other lesions keep 30 um away from it.
+        nests, region = _tumour_regions(r_app, dshape, tissue, app.tumour_fraction, factor, px, app)
+        if region is not None:
+            inner = inner & ~ndi.binary_dilation(region, iterations=int(30 / DESIGN_UM) + 1)
     candidates = np.flatnonzero(ndi.binary_erosion(inner, iterations=2).ravel())
     placed_c: list[np.ndarray] = []
     placed_r: list[float] = []
@@ -820,31 +991,25 @@ def build_scene(spec: SlideSpec) -> Scene:
     sprites: list[Sprite] = []
     lesion_rows, cell_rows = [], []
     next_cell = 1
-    her2_af = af[1]
-    for lid, i in enumerate(keep, start=1):
-        n = int(sizes[i])
-        if awake[i]:
-            kpos = r_les.random(n) < model.ki67_fraction
-            if n == 1:
-                kpos[:] = True  # an awakened single cell is cycling
-        else:
-            kpos = r_les.random(n) < model.dormant_ki67_fraction
-        # Lesion brightness from about 2x to 15x the tissue autofluorescence.
-        level = math.exp(r_les.uniform(math.log(2.0), math.log(15.0)))
-        her2_means = her2_af * level * r_les.lognormal(0, 0.15, n)
-        c = placed_c[keep.index(i)]
+    her2_af = af_base[1]  # cells keep their brightness whatever the autofluorescence
+
+    def add_lesion(rng, lid, c, grown_cells, kpos, level, her2_means, dapi_amp, ki67_amp):
+        nonlocal next_cell
+        n = len(kpos)
         sprite, nuc_px, cell_area, nuc_area, les_area = _render_lesion(
-            r_les,
+            rng,
             px,
             c[0],
             c[1],
-            grown[i],
+            grown_cells,
             her2_means,
             kpos,
-            0.8 * nd * r_les.lognormal(0, 0.1),
-            stain.ki67_pos * r_les.lognormal(0, 0.25),
+            dapi_amp,
+            ki67_amp,
             next_cell,
             lid,
+            app,
+            r_app,
         )
         sprites.append(sprite)
         ids = np.arange(next_cell, next_cell + n)
@@ -876,6 +1041,30 @@ def build_scene(spec: SlideSpec) -> Scene:
                     "nucleus_area_um2": float(nuc_area[j]),
                 }
             )
+
+    for lid, i in enumerate(keep, start=1):
+        n = int(sizes[i])
+        if awake[i]:
+            kpos = r_les.random(n) < model.ki67_fraction
+            if n == 1:
+                kpos[:] = True  # an awakened single cell is cycling
+        else:
+            kpos = r_les.random(n) < model.dormant_ki67_fraction
+        # Lesion brightness from about 2x to 15x the tissue autofluorescence.
+        level = math.exp(r_les.uniform(math.log(2.0), math.log(15.0)))
+        her2_means = her2_af * level * r_les.lognormal(0, 0.15, n)
+        dapi_amp = app.nucleus_dapi * nd * r_les.lognormal(0, 0.1)
+        ki67_amp = stain.ki67_pos * r_les.lognormal(0, 0.25)
+        c = placed_c[keep.index(i)]
+        add_lesion(r_les, lid, c, grown[i], kpos, level, her2_means, dapi_amp, ki67_amp)
+    for lid, (c, grown_cells) in enumerate(nests, start=len(keep) + 1):
+        n = len(grown_cells[1])
+        kpos = r_app.random(n) < 0.5
+        level = math.exp(r_app.uniform(math.log(2.0), math.log(15.0)))
+        her2_means = her2_af * level * r_app.lognormal(0, 0.15, n)
+        dapi_amp = app.nucleus_dapi * nd * r_app.lognormal(0, 0.1)
+        ki67_amp = stain.ki67_pos * r_app.lognormal(0, 0.25)
+        add_lesion(r_app, lid, c, grown_cells, kpos, level, her2_means, dapi_amp, ki67_amp)
     sprites.sort(key=lambda s: s.y0)
     lesions = pd.DataFrame(
         lesion_rows,
@@ -965,6 +1154,7 @@ def build_scene(spec: SlideSpec) -> Scene:
         tissue_area_mm2=tissue_area_mm2,
         extras={
             "render_seed": int(r_render.integers(2**31)),
+            "af_field": af_field,
             "n_dcc": int(n_dcc),
             "n_dcc_placed": len(keep),
         },

@@ -1,8 +1,9 @@
 """The manifest is valid, and the wheel is a complete napari plugin on its own.
 
 The wheel is built from a copy of the sources (nothing is written into the checkout) and
-installed into a fresh virtual environment that sees the system's packages (napari, torch)
-but gets lungmets itself from the wheel; the checks then run from an empty folder, so neither
+installed into a fresh virtual environment that sees the running environment's packages
+(napari, torch; a system Python, a venv or a conda environment alike) but gets lungmets itself
+from the wheel; the checks then run from an empty folder, so neither
 the checkout nor the editable install of lungmets can stand in for the wheel.
 """
 
@@ -154,30 +155,49 @@ print(json.dumps({
 """
 
 
+def _running_site_packages() -> list[str]:
+    """The running interpreter's package folders, whatever kind of environment it is.
+
+    A system Python, a virtual environment (with or without the system's packages) or a conda
+    environment each put their site-packages on ``sys.path``; the checkout itself (an editable
+    install) is left out, so that lungmets can only come from the wheel.
+    """
+    folders = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    folders += [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    out: list[str] = []
+    for f in folders:
+        if Path(f).is_dir() and f not in out:
+            out.append(f)
+    return out
+
+
 @pytest.mark.slow
 def test_napari_discovers_the_plugin_installed_from_the_wheel(dist, tmp_path):
     wheel, _ = dist
     venv = tmp_path / "venv"
-    # The system's packages (napari, npe2, torch) come along; lungmets must come from the wheel.
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-    )
+    # A bare venv, then a .pth file that puts the running environment's package folders on its
+    # path: napari, npe2 and torch come from whatever environment runs the tests (system, venv,
+    # conda). `venv --system-site-packages` would not do: from inside a venv it links the *base*
+    # interpreter's packages, not the active environment's. A .pth line adds a folder without
+    # running the .pth files inside it, so an editable lungmets there stays inactive.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    # The system's pip installs into the venv it runs in; --ignore-installed because the
-    # system's lungmets (an editable install, say) would otherwise count as installed.
+
+    def venv_path(name: str) -> Path:
+        code = f"import sysconfig; print(sysconfig.get_paths()[{name!r}])"
+        out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+        return Path(out.stdout.strip())
+
+    site = venv_path("purelib")
+    assert site != Path(sysconfig.get_paths()["purelib"])
+    outer = _running_site_packages()
+    (site / "_lungmets_test_outer_env.pth").write_text("\n".join(outer) + "\n")
+    # The running environment's pip installs into the venv it runs in; --ignore-installed
+    # because the running environment's lungmets (an editable install, say) would otherwise
+    # count as installed.
     pip = [str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "--no-compile"]
     result = subprocess.run([*pip, "-q", str(wheel)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    site = Path(
-        subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    )
-    assert site != Path(sysconfig.get_paths()["purelib"])
     cwd = tmp_path / "elsewhere"  # not the checkout: its packages would shadow the wheel's
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
