@@ -27,18 +27,35 @@ from .config import AnalysisConfig
 from .tissue import StainLevels
 
 
-def model_factor(model_um_per_px: float, pixel_size_um: float, path="") -> int:
-    """Integer block size that brings the slide's pixels to the model's resolution."""
+#: Coarsest slide pixel, as a multiple of the model's: beyond it cells are a few pixels wide.
+MAX_UPSAMPLING = 2.0
+
+
+def model_factor(model_um_per_px: float, pixel_size_um: float, path="") -> float:
+    """How many slide pixels make one model pixel (any positive number, not only integers).
+
+    A whole number (within 0.1%) is returned exactly, so the common 0.5 um/px slides are
+    block-averaged; any other pixel size (0.65, 0.325, 0.8 um ...) is area-averaged to the
+    model's resolution (`models.infer.resample_mean`).
+
+    Raises
+    ------
+    InputError
+        If the slide's pixels are more than twice as coarse as the model's.
+    """
+    from models.infer import integer_factor
+
     from .errors import InputError
 
-    f = max(1, int(round(model_um_per_px / pixel_size_um)))
-    if abs(f * pixel_size_um - model_um_per_px) > 0.25 * model_um_per_px:
+    factor = model_um_per_px / pixel_size_um
+    if factor < 1.0 / MAX_UPSAMPLING:
         raise InputError(
-            f"{path}: pixel size {pixel_size_um} um cannot be brought to the model's "
-            f"{model_um_per_px} um/px by whole-pixel binning; use --method classical or "
-            "--pixel-size-um if the metadata is wrong"
+            f"{path}: pixel size {pixel_size_um} um is too coarse for the network "
+            f"({model_um_per_px} um/px: cells would be a few pixels wide); use --method "
+            "classical, or --pixel-size-um if the metadata is wrong"
         )
-    return f
+    f = integer_factor(factor)
+    return float(f) if f is not None else float(factor)
 
 
 #: A macrophage's band is bright in Ki67: at least this multiple of the Ki67 autofluorescence
@@ -151,14 +168,14 @@ def detect_cells_unet(
     import torch
 
     from models import load_model
-    from models.infer import block_mean, cells_from_maps, predict_maps, to_model_input
+    from models.infer import cells_from_maps, predict_maps, resample_mean, to_model_input
 
     if config.torch_threads > 0 and torch.get_num_threads() != config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     model = load_model(config.model_path, config.device)
     factor = model_factor(model.config["input_um_per_px"], pixel_size_um)
-    # Block means at the model's resolution, once: the network's input and the measurements.
-    blocks = {i: block_mean(image[i], factor) for i in sorted(set(roles.values()))}
+    # Means at the model's resolution, once: the network's input and the measurements.
+    blocks = {i: resample_mean(image[i], factor) for i in sorted(set(roles.values()))}
     x = to_model_input(image, roles, stain, factor, blocks=blocks)
     um = model.config["input_um_per_px"]
     screen = None
@@ -207,7 +224,7 @@ def detect_cells_unet(
     n = len(cells)
 
     def block(ch):
-        b = blocks[ch] if ch in blocks else block_mean(image[ch], factor)
+        b = blocks[ch] if ch in blocks else resample_mean(image[ch], factor)
         return b - np.float32(stain.offset[ch])
 
     def means(values, labels):

@@ -82,8 +82,11 @@ def tissue_mask(
     c = img.shape[0]
     offset = np.zeros(c)
     noise = np.zeros(c)
+    # Integer levels are block means rounded to integers: noise is never below rounding's.
+    # Float data have no such floor (their whole range may be 0..1).
+    quantum = 1.0 if np.issubdtype(image.dtype, np.integer) else 0.0
     for i in range(c):
-        offset[i], noise[i] = glass_level(img[i])
+        offset[i], noise[i] = glass_level(img[i], quantum=quantum)
     # Signal-to-noise over glass, averaged over channels: glass is ~0, tissue (even the faint
     # autofluorescence of airspaces, at this resolution) is far above it.
     snr = ((img - offset[:, None, None]) / noise[:, None, None]).mean(axis=0)
@@ -108,11 +111,17 @@ def tissue_mask(
     return mask, offset
 
 
-def glass_level(values: np.ndarray) -> tuple[float, float]:
+def glass_level(values: np.ndarray, *, quantum: float = 1.0) -> tuple[float, float]:
     """Level and noise (standard deviation) of glass in one channel.
 
     The glass level is the mode of the darker half of the values; its noise is estimated from
     the values below that mode only, which tissue does not reach.
+
+    Parameters
+    ----------
+    values : ndarray
+    quantum : float
+        Step of the values (1 for integer counts, 0 for floats): noise is at least half of it.
 
     Returns
     -------
@@ -125,12 +134,18 @@ def glass_level(values: np.ndarray) -> tuple[float, float]:
     level = 0.5 * (edges[k] + edges[k + 1])
     left = level - lo[lo <= level]
     noise = 1.4826 * float(np.median(left)) if left.size > 10 else float(lo.std())
-    # Low levels are block means rounded to integers: noise is never below rounding's.
-    return float(level), max(noise, 0.5)
+    if quantum <= 0:  # floats: a floor relative to the data, not to a count
+        return float(level), max(noise, 1e-6 * float(np.ptp(v)), 1e-12)
+    return float(level), max(noise, 0.5 * quantum)
 
 
 def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> StainLevels:
     """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
+
+    The autofluorescence of each channel comes from tissue that stays negative: pixels that
+    are neither nuclei nor airspace and are lit in every channel (autofluorescence is
+    broad-band), and of those the channel's lowest population, never the median over all tissue
+    (which is the marker itself where positive cells cover most of the section).
 
     Parameters
     ----------
@@ -152,18 +167,63 @@ def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> St
     nuclear_dapi = float(np.percentile(d, 99.0))
     # Tissue that is neither nucleus nor airspace: the alveolar walls' autofluorescence.
     not_nuclear = d < 0.15 * nuclear_dapi
+    # Cells sit on the walls (and in stroma, parenchyma, tumour), not in airspace: the few um
+    # around nuclei are tissue, even where airspace is as autofluorescent as glass is not.
+    near = []
+    for w in windows:
+        nuc_w = (w[dapi].astype(np.float32) - offset[dapi]) >= 0.15 * nuclear_dapi
+        near.append((ndi.binary_dilation(nuc_w, iterations=3) & ~nuc_w).ravel())
+    near = np.concatenate(near)[not_nuclear]
+    # Integer counts cannot resolve less than one count; floats have no such floor.
+    integer = all(np.issubdtype(w.dtype, np.integer) for w in windows)
+    floor = 1.0 if integer else max(1e-6 * float(np.ptp(pix)), 1e-12)
+    # Autofluorescent tissue (alveolar walls, stroma) is lit in every channel at once, while
+    # airspace is dark in all and a marker's positive cells are bright in their own channel
+    # only: the pixels lit in every channel, next to a nucleus, are the negative tissue. Of those, each channel's
+    # lowest population is its autofluorescence (`negative_level`), so that positive cells
+    # covering most of the tissue (a tumour-dense section) do not become the reference.
+    logs = [_log_units(pix[i][not_nuclear], floor) for i in range(c)]
+    lit = [_lit(lv) for lv in logs]
+    walls = np.logical_and.reduce(lit) & near
     af, nuc = [], []
     for i in range(c):
-        v = pix[i][not_nuclear]
-        # Lung tissue is dark airspace and bright alveolar walls: split the two modes (Otsu on
-        # log intensity, so the split does not depend on exposure) and take the walls' median.
-        lv = np.log1p(np.clip(v, 0, None))
-        lit = v[lv > threshold_otsu(lv)] if np.ptp(lv) > 0 else v
-        af.append(max(float(np.median(lit)) if lit.size else 1.0, 1.0))
+        sel = walls if walls.sum() >= 200 else lit[i]
+        af.append(max(negative_level(logs[i][sel], floor), floor))
         nuc.append(float(np.percentile(pix[i], 99.0)))
     return StainLevels(
         offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)
     )
+
+
+def _log_units(values: np.ndarray, floor: float) -> np.ndarray:
+    """log1p of intensities in units of `floor` (for integer counts, log1p of the counts)."""
+    return np.log1p(np.clip(np.asarray(values, np.float64) / floor, 0, None))
+
+
+def _lit(lv: np.ndarray) -> np.ndarray:
+    """The brighter class of an Otsu split of log intensities (all True when flat)."""
+    return lv > threshold_otsu(lv) if np.ptp(lv) > 0 else np.ones(lv.shape, bool)
+
+
+def negative_level(lv: np.ndarray, floor: float = 1.0) -> float:
+    """Level of the lowest real population of log intensities `lv` (see `stain_levels`).
+
+    The lowest mode of the histogram that holds at least 30% of the highest peak; the level
+    is the median of the values within 35% of it, back in intensity units.
+    """
+    lv = np.asarray(lv, np.float64)
+    if lv.size < 20 or np.ptp(lv) < 0.2:
+        return float(np.expm1(np.median(lv)) * floor) if lv.size else floor
+    hist, edges = np.histogram(lv, bins=max(8, int(np.ptp(lv) / 0.05)))
+    smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0, mode="constant")
+    peaks = np.flatnonzero(
+        (smooth >= np.r_[-1, smooth[:-1]])
+        & (smooth >= np.r_[smooth[1:], -1])
+        & (smooth >= 0.3 * smooth.max())
+    )
+    mode = 0.5 * (edges[peaks[0]] + edges[peaks[0] + 1])
+    near = lv[np.abs(lv - mode) < np.log(1.35)]
+    return float(np.expm1(np.median(near if near.size else lv)) * floor)
 
 
 def tissue_windows(mask: np.ndarray, n: int = 24, seed: int = 0) -> np.ndarray:

@@ -44,24 +44,85 @@ def block_mean(plane: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
+def _area_weights(n_in: int, factor: float):
+    """Sparse (n_out, n_in) matrix averaging input pixels over each output pixel's extent.
+
+    Output pixel ``j`` covers input pixel edges ``[j * factor, (j + 1) * factor)``; each input
+    pixel contributes the length of its overlap (area averaging, like block means for an
+    integer factor). For ``factor < 1`` (upsampling) this is linear interpolation.
+    """
+    from scipy import sparse
+
+    n_out = int(np.floor(n_in / factor + 1e-9))
+    if factor < 1:
+        pos = (np.arange(n_out) + 0.5) * factor - 0.5
+        i0 = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
+        i1 = np.clip(i0 + 1, 0, n_in - 1)
+        w1 = np.clip(pos - i0, 0, 1)
+        rows = np.r_[np.arange(n_out), np.arange(n_out)]
+        return sparse.csr_matrix(
+            (np.r_[1 - w1, w1].astype(np.float32), (rows, np.r_[i0, i1])), shape=(n_out, n_in)
+        )
+    lo = np.arange(n_out) * factor
+    hi = lo + factor
+    first = np.floor(lo).astype(np.int64)
+    span = int(np.ceil(factor)) + 1
+    rows, cols, vals = [], [], []
+    for k in range(span):
+        i = first + k
+        ov = np.minimum(hi, i + 1) - np.maximum(lo, i)
+        ok = (ov > 1e-9) & (i < n_in)
+        rows.append(np.flatnonzero(ok))
+        cols.append(i[ok])
+        vals.append(ov[ok] / factor)
+    return sparse.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n_out, n_in),
+    )
+
+
+def integer_factor(factor: float) -> int | None:
+    """`factor` as an int when it is one (within 0.1%), else None."""
+    f = int(round(factor))
+    return f if f >= 1 and abs(factor - f) < 1e-3 * factor else None
+
+
+def resample_mean(plane: np.ndarray, factor: float) -> np.ndarray:
+    """A 2-D array at ``1 / factor`` of its resolution, by area averaging (float32).
+
+    The output has ``floor(n / factor)`` pixels along each axis; output pixel ``j`` covers
+    input pixels ``j * factor ... (j + 1) * factor`` (so its centre is at input coordinate
+    ``(j + 0.5) * factor - 0.5``). An integer factor is exactly `block_mean`; any other (a
+    0.65 um/px scan brought to 1 um/px: 1.538) averages the overlapping fractions of pixels.
+    """
+    f = integer_factor(factor)
+    if f is not None:
+        return block_mean(plane, f)
+    ry = _area_weights(plane.shape[0], factor)
+    rx = _area_weights(plane.shape[1], factor)
+    tmp = ry @ plane.astype(np.float32)
+    return np.ascontiguousarray((rx @ np.asarray(tmp).T).T, dtype=np.float32)
+
+
 def to_model_input(
     pixels: np.ndarray, roles: dict, stain, factor: int, *, blocks: dict | None = None
 ) -> np.ndarray:
     """Level-0 raw counts (C, Y, X) -> network input (4, Y / factor, X / factor).
 
     Channels are divided by the slide's autofluorescence after the camera offset is taken
-    off, block-averaged by `factor` (the model works at ``factor * pixel_size_um``), and
+    off, area-averaged by `factor` (the model works at ``factor * pixel_size_um``; any factor,
+    not only whole numbers: `resample_mean`), and
     log-compressed; the fourth plane says whether Ki67 was imaged. `blocks` (optional) maps
     channel indices to their block means (`block_mean`) already computed by the caller.
     """
     c, h, w = pixels.shape
-    hh, ww = h // factor, w // factor
+    hh, ww = int(np.floor(h / factor + 1e-9)), int(np.floor(w / factor + 1e-9))
     out = np.zeros((4, hh, ww), np.float32)
     for k, role in enumerate(("DAPI", "HER2", "Ki67")):
         i = roles.get(role)
         if i is None:
             continue
-        ch = blocks[i] if blocks and i in blocks else block_mean(pixels[i], factor)
+        ch = blocks[i] if blocks and i in blocks else resample_mean(pixels[i], factor)
         out[k] = normalise((ch - stain.offset[i]) / stain.autofluorescence[i])
     out[3] = 1.0 if "Ki67" in roles else 0.0
     return out

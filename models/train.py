@@ -42,6 +42,11 @@ class TrainConfig:
     n_val_slides: int = 4
     slide_size_px: int = 2048
     input_um_per_px: float = 1.0
+    #: Draw each training slide's style from the generator's appearance families
+    #: (`histo.synthetic.random_appearance`); False: the default style only.
+    families: bool = True
+    #: Families held out of training (entirely, or beyond their training range).
+    exclude_families: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- data
@@ -58,8 +63,8 @@ class SlideData:
     ki67: np.ndarray  # (N,) bool
 
 
-def slide_data(path, factor: int) -> SlideData:
-    """Load a generated slide and its truth at 1/`factor` of level 0."""
+def slide_data(path, model_um_per_px: float = 1.0) -> SlideData:
+    """Load a generated slide and its truth at the model's resolution (any pixel size)."""
     import tifffile
 
     from histo.config import AnalysisConfig
@@ -67,22 +72,24 @@ def slide_data(path, factor: int) -> SlideData:
     from histo.pipeline import measure_background
     from histo.synthetic import load_truth
 
+    from .infer import resample_mean
+
     slide = open_slide(path)
+    factor = model_um_per_px / slide.pixel_size_um
     _, _, stain = measure_background(slide, AnalysisConfig())
     truth = load_truth(path)
     img = slide.read_region(0, 0, slide.shape_px[0], 0, slide.shape_px[1]).astype(np.float32)
-    c, h, w = img.shape
-    hh, ww = h // factor, w // factor
-    lin = np.zeros((3, hh, ww), np.float32)
+    lin = None
     for k, role in enumerate(("DAPI", "HER2", "Ki67")):
         i = slide.roles.get(role)
         if i is None:
             continue
-        ch = img[i, : hh * factor, : ww * factor].reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+        ch = resample_mean(img[i], factor)
+        if lin is None:
+            lin = np.zeros((3, *ch.shape), np.float32)
         lin[k] = (ch - stain.offset[i]) / stain.autofluorescence[i]
     cells_lab = tifffile.imread(truth.truth_dir / "labels.ome.tif", key=1)
-    cell = cells_lab[: hh * factor, : ww * factor].reshape(hh, factor, ww, factor)
-    cell = (cell > 0).mean(axis=(1, 3)) >= 0.5
+    cell = resample_mean((cells_lab > 0).astype(np.float32), factor) >= 0.5
     px = slide.pixel_size_um
     off = (factor - 1) / 2.0
     centres = np.c_[(truth.cells.y_um / px - off) / factor, (truth.cells.x_um / px - off) / factor]
@@ -173,25 +180,51 @@ def sample_patch(rng, sd: SlideData, patch: int = PATCH, augment: bool = True):
     return np.ascontiguousarray(x), np.ascontiguousarray(y), has_ki67
 
 
-def make_slides(out_dir, seeds, size_px: int, progress=None) -> list[Path]:
-    """Generate training or validation slides (varied group, dpi and Ki67) with truth."""
+def make_slides(
+    out_dir,
+    seeds,
+    size_px: int,
+    progress=None,
+    *,
+    families: bool = False,
+    exclude_families: tuple[str, ...] = (),
+) -> list[Path]:
+    """Generate training or validation slides (varied group, dpi and Ki67) with truth.
+
+    With `families`, each slide also gets a style drawn from the generator's appearance
+    families (`histo.synthetic.random_appearance`, without `exclude_families`' held-out
+    values); the slide then covers the same area in um as a ``size_px`` slide at 0.5 um/px.
+    """
     from histo.synthetic import generate_slide
+    from histo.synthetic._appearance import Appearance, random_appearance
 
     out_dir = Path(out_dir)
+    tag = ""
+    if families:
+        tag = "_fam" + ("-no-" + "-".join(sorted(exclude_families)) if exclude_families else "")
     paths = []
     for i, seed in enumerate(seeds):
         rng = np.random.default_rng(seed)
         group = "IAV" if rng.random() < 0.7 else "PBS"
         dpi = int(rng.choice([3, 9, 15, 28, 60]))
-        path = out_dir / f"train_{seed}.ome.tif"
+        ki67 = bool(rng.random() < 0.85)
+        app, px = Appearance(), 0.5
+        if families:
+            app, px = random_appearance(
+                np.random.default_rng([seed, 0xFA]), exclude=tuple(exclude_families)
+            )
+        side = int(round(size_px * 0.5 / px))
+        path = out_dir / f"train_{seed}{tag}.ome.tif"
         if not path.exists():
             generate_slide(
                 path,
-                size_px=(size_px, size_px),
+                size_px=(side, side),
                 group=group,
                 dpi=dpi,
                 seed=seed,
-                ki67=bool(rng.random() < 0.85),
+                ki67=ki67,
+                pixel_size_um=px,
+                appearance=app,
             )
         paths.append(path)
         if progress:
@@ -405,7 +438,6 @@ def run_training(
     import torch
 
     config = config or TrainConfig()
-    factor = int(round(config.input_um_per_px / 0.5))
     init_state = None
     if init_model is not None:
         from . import load_model
@@ -424,14 +456,15 @@ def run_training(
         cut = max(1, len(paths) // 5) if len(paths) > 1 else 0
         tr_paths, va_paths = paths[cut:], paths[:cut]
     else:
+        fam = {"families": config.families, "exclude_families": config.exclude_families}
         tr_paths = make_slides(
-            data_dir, range(1000, 1000 + config.n_train_slides), config.slide_size_px
+            data_dir, range(1000, 1000 + config.n_train_slides), config.slide_size_px, **fam
         )
         va_paths = make_slides(
-            data_dir, range(5000, 5000 + config.n_val_slides), config.slide_size_px
+            data_dir, range(5000, 5000 + config.n_val_slides), config.slide_size_px, **fam
         )
-    trd = [slide_data(p, factor) for p in tr_paths]
-    vad = [slide_data(p, factor) for p in va_paths]
+    trd = [slide_data(p, config.input_um_per_px) for p in tr_paths]
+    vad = [slide_data(p, config.input_um_per_px) for p in va_paths]
     model, hist = train(trd, vad, config, init_state=init_state, progress=progress)
     model = model.cpu()
     with tempfile.TemporaryDirectory() as tmp:
@@ -454,9 +487,26 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
     p.add_argument("--data", default="/tmp/lungmets_train")
     p.add_argument("--out", default=str(Path(__file__).parent / "weights" / "lungmets_unet_v1.pt"))
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--from-model", default=None, help="fine-tune this model")
+    p.add_argument("--slides", type=int, default=TrainConfig.n_train_slides)
+    p.add_argument(
+        "--exclude-families",
+        default="",
+        help="comma-separated appearance families held out (leave-family-out evaluation)",
+    )
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    path = run_training(args.out, data_dir=args.data, config=TrainConfig(steps=args.steps))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    exclude = tuple(f for f in args.exclude_families.split(",") if f)
+    config = TrainConfig(
+        steps=args.steps, n_train_slides=args.slides, exclude_families=exclude, lr=args.lr
+    )
+    path = run_training(args.out, data_dir=args.data, config=config, init_model=args.from_model)
     print(path)
 
 

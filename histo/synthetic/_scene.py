@@ -29,6 +29,7 @@ from ._appearance import Appearance
 from ._biology import DCC_DENSITY_PER_MM2, LesionModel, draw_lesion_sizes, lesion_model
 
 DESIGN_UM = 2.0
+DEFAULT_APPEARANCE = Appearance()
 #: Channel order of the rendered image (Ki67 is dropped from the file when not imaged).
 CHANNELS = ("DAPI", "HER2", "Ki67")
 LABEL_CHANNELS = ("nuclei", "cells", "lesions")
@@ -477,7 +478,7 @@ def _structures(rng, design_shape, tissue, dist, halfwidth, area_mm2):
 # ----------------------------------------------------------------------------- cancer lesions
 
 
-def _grow_lesion(rng, n, app: Appearance = Appearance()):
+def _grow_lesion(rng, n, app: Appearance = DEFAULT_APPEARANCE):
     """Cell centres (um, relative), cell radii, nucleus centres, semi-axes and angles."""
     d_lo, d_hi = app.cell_diameter_um
     size = 0.5 * (d_lo + d_hi) / 15.0  # nuclei scale with the cells (1 for the default)
@@ -533,7 +534,7 @@ def _render_lesion(
     ki67_amp,
     first_cell_id,
     lesion_id,
-    app: Appearance = Appearance(),
+    app: Appearance = DEFAULT_APPEARANCE,
     r_app=None,
 ):
     """Render one lesion into a sprite; returns (sprite, nucleus centres px, areas).

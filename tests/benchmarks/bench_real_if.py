@@ -274,14 +274,25 @@ def cmd_run(args) -> None:
         image_channels = dict(zip(names, lev0, strict=True))
     pos_ids, neg_ids = positive_ids(args, labels, image_channels)
     cents = cell_centroids(labels)
+    name = args.name or Path(args.image).name
+    her2_name = slide.channel_names[slide.roles["HER2"]]
+    if args.header:
+        print(HEADER)
     t0 = time.perf_counter()
-    result = histo.analyze_slide(
-        args.image,
-        config,
-        channels=args.channels,
-        pixel_size_um=args.pixel_size_um,
-        threads=args.threads,
-    )
+    try:
+        result = histo.analyze_slide(
+            args.image,
+            config,
+            channels=args.channels,
+            pixel_size_um=args.pixel_size_um,
+            threads=args.threads,
+        )
+    except histo.InputError as err:  # e.g. no tissue found, pixel size the network refuses
+        print(
+            f"| {name} | {args.method} | {her2_name} | {len(pos_ids)} | {len(neg_ids)} "
+            f"| failed: {str(err).split(': ', 1)[-1][:90]} | | | | | | | |"
+        )
+        return
     seconds = time.perf_counter() - t0
     cells = result.cells
     det_rc = (
@@ -299,10 +310,6 @@ def cmd_run(args) -> None:
     precision = matched_pos / n_det if n_det else float("nan")
     ratio = n_det / n_pos if n_pos else float("nan")
     roles = slide.roles
-    her2_name = slide.channel_names[roles["HER2"]]
-    name = args.name or Path(args.image).name
-    if args.header:
-        print(HEADER)
     print(
         f"| {name} | {args.method} | {her2_name} | {n_pos} | {len(neg_ids)} | {n_det} "
         f"| {matched_pos} | {on_neg} | {unmatched} | {recall:.3f} | {precision:.3f} "
