@@ -26,7 +26,6 @@ from scipy import ndimage as ndi
 from .config import AnalysisConfig
 from .tissue import StainLevels
 
-
 #: Coarsest slide pixel, as a multiple of the model's: beyond it cells are a few pixels wide.
 MAX_UPSAMPLING = 2.0
 

@@ -179,9 +179,10 @@ def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> St
     floor = 1.0 if integer else max(1e-6 * float(np.ptp(pix)), 1e-12)
     # Autofluorescent tissue (alveolar walls, stroma) is lit in every channel at once, while
     # airspace is dark in all and a marker's positive cells are bright in their own channel
-    # only: the pixels lit in every channel, next to a nucleus, are the negative tissue. Of those, each channel's
-    # lowest population is its autofluorescence (`negative_level`), so that positive cells
-    # covering most of the tissue (a tumour-dense section) do not become the reference.
+    # only: the pixels lit in every channel, next to a nucleus, are the negative tissue. Of
+    # those, each channel's lowest population is its autofluorescence (`negative_level`), so
+    # that positive cells covering most of the tissue (a tumour-dense section) do not become
+    # the reference.
     logs = [_log_units(pix[i][not_nuclear], floor) for i in range(c)]
     lit = [_lit(lv) for lv in logs]
     walls = np.logical_and.reduce(lit) & near
