@@ -92,6 +92,114 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _range(text: str) -> tuple[float, float]:
+    """Parse ``LO-HI`` (or a single number) into ``(lo, hi)``."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*(?:[-,:]\s*([\d.]+))?\s*", text)
+    try:
+        lo = float(match[1])
+        hi = float(match[2]) if match[2] else lo
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected LO-HI, e.g. 12-18; got {text!r}") from None
+    if hi < lo:
+        raise argparse.ArgumentTypeError(f"expected LO-HI with LO <= HI; got {text!r}")
+    return lo, hi
+
+
+def _add_appearance_options(parser: argparse.ArgumentParser) -> None:
+    """How a synthetic slide looks: the generator's appearance families (`Appearance`)."""
+    from histo.synthetic._appearance import DTYPES, HER2_PATTERNS, LAYOUTS, Appearance
+
+    d = Appearance()
+    g = parser.add_argument_group(
+        "appearance",
+        "how the slide looks (defaults: the generator's own style); used to test detectors on "
+        "styles they were not trained on",
+    )
+    g.add_argument("--her2-pattern", choices=HER2_PATTERNS, default=d.her2_pattern)
+    g.add_argument(
+        "--nucleus-dapi",
+        type=_positive_float,
+        default=d.nucleus_dapi,
+        metavar="F",
+        help="cancer nuclei's DAPI relative to ordinary nuclei (default: %(default)s)",
+    )
+    g.add_argument("--nucleoli", action="store_true", help="DAPI-dim nucleoli in cancer nuclei")
+    g.add_argument(
+        "--cell-diameter-um",
+        type=_range,
+        default=d.cell_diameter_um,
+        metavar="LO-HI",
+        help="cancer-cell diameters (default: 12-18)",
+    )
+    g.add_argument(
+        "--packing",
+        type=_range,
+        default=d.packing,
+        metavar="LO-HI",
+        help="neighbour distance / sum of radii; < 1: flattened, shared membranes "
+        "(default: 0.86-1)",
+    )
+    g.add_argument(
+        "--ki67-dapi",
+        type=_positive_float,
+        default=d.ki67_dapi,
+        metavar="F",
+        help="DAPI of Ki67+ cancer nuclei is multiplied by F (0.3: Ki67 masks DAPI)",
+    )
+    g.add_argument(
+        "--autofluorescence",
+        type=_positive_float,
+        default=d.autofluorescence,
+        metavar="F",
+        help="tissue autofluorescence relative to the default (0.05-5)",
+    )
+    g.add_argument(
+        "--af-unevenness",
+        type=_non_negative_float,
+        default=d.af_unevenness,
+        metavar="F",
+        help="slow variation of autofluorescence over the section (0-1)",
+    )
+    g.add_argument(
+        "--bleed-through",
+        type=_non_negative_float,
+        default=d.bleed_through,
+        metavar="F",
+        help="fraction of DAPI seen in HER2 and of HER2 seen in Ki67",
+    )
+    g.add_argument(
+        "--tumour-fraction",
+        type=_non_negative_float,
+        default=d.tumour_fraction,
+        metavar="F",
+        help="fraction of the tissue covered by solid tumour (0.3-0.9: tumour-dense)",
+    )
+    g.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="dynamic range of the file")
+    g.add_argument("--layout", choices=LAYOUTS, default=d.layout, help="tissue layout")
+
+
+def _appearance(args: argparse.Namespace):
+    from histo.synthetic._appearance import Appearance
+
+    try:
+        return Appearance(
+            her2_pattern=args.her2_pattern,
+            nucleus_dapi=args.nucleus_dapi,
+            nucleoli=args.nucleoli,
+            cell_diameter_um=args.cell_diameter_um,
+            packing=args.packing,
+            ki67_dapi=args.ki67_dapi,
+            autofluorescence=args.autofluorescence,
+            af_unevenness=args.af_unevenness,
+            bleed_through=args.bleed_through,
+            tumour_fraction=args.tumour_fraction,
+            dtype=args.dtype,
+            layout=args.layout,
+        )
+    except ValueError as exc:
+        raise InputError(f"bad appearance: {exc}") from None
+
+
 # --- progress ---------------------------------------------------------------------------------
 
 
@@ -145,6 +253,7 @@ def _run_synth_slide(args: argparse.Namespace) -> int:
             labels=not args.no_labels,
             mouse_burden=args.mouse_burden,
             pixel_size_um=args.pixel_size_um,
+            appearance=_appearance(args),
             progress=progress,
         )
     elapsed_s = time.perf_counter() - start
@@ -818,6 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="pixel size in micrometres (default: %(default)s)",
     )
+    _add_appearance_options(slide)
     slide.set_defaults(handler=_run_synth_slide)
 
     cohort = synth_commands.add_parser(

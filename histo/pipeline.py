@@ -29,7 +29,7 @@ from .chunks import Chunk, plan_chunks
 from .config import AnalysisConfig
 from .errors import InputError
 from .lesions import group_lesions
-from .tissue import StainLevels, stain_levels, tissue_mask, tissue_windows
+from .tissue import StainLevels, glass_level, stain_levels, tissue_mask, tissue_windows
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,13 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
         windows.append(
             slide.read_region(fine, y0, min(fy, y0 + 2 * half), x0, min(fx, x0 + 2 * half))
         )
-    stain = stain_levels(windows, offset, slide.roles["DAPI"])
+    unit = None
+    if not np.issubdtype(low.dtype, np.integer):
+        # Float data: about half the glass noise of the windows' level plays a camera count
+        # (block means of ds x ds pixels have 1/ds of the noise of single pixels).
+        noise_low = np.array([glass_level(ch, quantum=0)[1] for ch in low.astype(np.float32)])
+        unit = noise_low * (ds / fds) / 2.5
+    stain = stain_levels(windows, offset, slide.roles["DAPI"], unit=unit)
     return mask, mask_px, stain
 
 

@@ -139,7 +139,13 @@ def glass_level(values: np.ndarray, *, quantum: float = 1.0) -> tuple[float, flo
     return float(level), max(noise, 0.5 * quantum)
 
 
-def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> StainLevels:
+def stain_levels(
+    windows: list[np.ndarray],
+    offset: np.ndarray,
+    dapi: int,
+    *,
+    unit: np.ndarray | None = None,
+) -> StainLevels:
     """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
 
     The autofluorescence of each channel comes from tissue that stays negative: pixels that
@@ -155,6 +161,9 @@ def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> St
         Glass level per channel, from `tissue_mask`.
     dapi : int
         Index of the DAPI channel.
+    unit : ndarray, shape (C,), optional
+        For float data: the intensity that plays the role of one camera count (about half
+        the glass noise), below which differences are noise. Integer data use 1.
 
     Returns
     -------
@@ -174,22 +183,27 @@ def stain_levels(windows: list[np.ndarray], offset: np.ndarray, dapi: int) -> St
         nuc_w = (w[dapi].astype(np.float32) - offset[dapi]) >= 0.15 * nuclear_dapi
         near.append((ndi.binary_dilation(nuc_w, iterations=3) & ~nuc_w).ravel())
     near = np.concatenate(near)[not_nuclear]
-    # Integer counts cannot resolve less than one count; floats have no such floor.
+    # Integer counts cannot resolve less than one count; floats get the equivalent of a count.
     integer = all(np.issubdtype(w.dtype, np.integer) for w in windows)
-    floor = 1.0 if integer else max(1e-6 * float(np.ptp(pix)), 1e-12)
+    if integer:
+        floors = np.ones(c)
+    elif unit is not None:
+        floors = np.maximum(np.asarray(unit, float), 1e-12)
+    else:
+        floors = np.full(c, max(1e-6 * float(np.ptp(pix)), 1e-12))
     # Autofluorescent tissue (alveolar walls, stroma) is lit in every channel at once, while
     # airspace is dark in all and a marker's positive cells are bright in their own channel
     # only: the pixels lit in every channel, next to a nucleus, are the negative tissue. Of
     # those, each channel's lowest population is its autofluorescence (`negative_level`), so
     # that positive cells covering most of the tissue (a tumour-dense section) do not become
     # the reference.
-    logs = [_log_units(pix[i][not_nuclear], floor) for i in range(c)]
+    logs = [_log_units(pix[i][not_nuclear], floors[i]) for i in range(c)]
     lit = [_lit(lv) for lv in logs]
     walls = np.logical_and.reduce(lit) & near
     af, nuc = [], []
     for i in range(c):
         sel = walls if walls.sum() >= 200 else lit[i]
-        af.append(max(negative_level(logs[i][sel], floor), floor))
+        af.append(max(negative_level(logs[i][sel], floors[i]), floors[i]))
         nuc.append(float(np.percentile(pix[i], 99.0)))
     return StainLevels(
         offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 PATCH = 128
 CENTRE_SIGMA_PX = 1.5
+#: Stain and exposure gain per channel: signal over autofluorescence from a tenth to ten times
+#: the generator's (autofluorescence from near zero to high, as on other scanners).
+GAIN_RANGE = (0.1, 10.0)
+#: Share of training patches drawn at another scale, and the range of that scale.
+ZOOM_PROBABILITY = 0.5
+ZOOM_RANGE = (0.6, 1.7)
 
 
 @dataclass(frozen=True)
@@ -125,31 +131,45 @@ def sample_patch(rng, sd: SlideData, patch: int = PATCH, augment: bool = True):
     """One (input (4, P, P), target (3, P, P)) pair, half of them centred near a cancer cell."""
     from scipy import ndimage as ndi
 
-    from .infer import normalise
+    from .infer import normalise, resample_mean
 
     _, h, w = sd.linear.shape
     if len(sd.centres) and rng.random() < 0.5:
         cy, cx = sd.centres[rng.integers(len(sd.centres))] + rng.normal(0, patch / 5, 2)
     else:
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    y0 = int(np.clip(cy - patch / 2, 0, h - patch))
-    x0 = int(np.clip(cx - patch / 2, 0, w - patch))
-    lin = sd.linear[:, y0 : y0 + patch, x0 : x0 + patch].astype(np.float32)
-    cell = sd.cell[y0 : y0 + patch, x0 : x0 + patch].astype(np.float32)
+    # Scale: cells from about 0.6x to 1.7x the generator's sizes (9-25 um cells, or a pixel
+    # size the metadata gets wrong), so that the network counts nuclei, not one size of them.
+    zoom = 1.0
+    if augment and rng.random() < ZOOM_PROBABILITY:
+        zoom = float(np.exp(rng.uniform(np.log(ZOOM_RANGE[0]), np.log(ZOOM_RANGE[1]))))
+    src = min(int(round(patch * zoom)), h, w)
+    f = src / patch
+    y0 = int(np.clip(cy - src / 2, 0, h - src))
+    x0 = int(np.clip(cx - src / 2, 0, w - src))
+    lin = sd.linear[:, y0 : y0 + src, x0 : x0 + src].astype(np.float32)
+    cell = sd.cell[y0 : y0 + src, x0 : x0 + src].astype(np.float32)
+    if src != patch:
+        lin = np.stack([resample_mean(c, f) for c in lin])[:, :patch, :patch]
+        cell = (resample_mean(cell, f) >= 0.5).astype(np.float32)[:patch, :patch]
+    margin = 5 * f
     inside = (
-        (sd.centres[:, 0] > y0 - 5)
-        & (sd.centres[:, 0] < y0 + patch + 5)
-        & (sd.centres[:, 1] > x0 - 5)
-        & (sd.centres[:, 1] < x0 + patch + 5)
+        (sd.centres[:, 0] > y0 - margin)
+        & (sd.centres[:, 0] < y0 + src + margin)
+        & (sd.centres[:, 1] > x0 - margin)
+        & (sd.centres[:, 1] < x0 + src + margin)
     )
-    pts = sd.centres[inside]
+    # Output pixel j's centre lies at input coordinate (j + 0.5) * f - 0.5.
+    pts = (sd.centres[inside] - [y0, x0] + 0.5) / f - 0.5
     ki = sd.ki67[inside]
-    centre = _bumps((patch, patch), pts, y0, x0)
-    ki67 = _bumps((patch, patch), pts[ki], y0, x0)
+    centre = _bumps((patch, patch), pts, 0, 0)
+    ki67 = _bumps((patch, patch), pts[ki], 0, 0)
     has_ki67 = sd.has_ki67
     if augment:
         # Stain and exposure far beyond the generator's own variation.
-        lin *= np.exp(rng.uniform(np.log(0.3), np.log(3.0), (3, 1, 1))).astype(np.float32)
+        lin *= np.exp(rng.uniform(np.log(GAIN_RANGE[0]), np.log(GAIN_RANGE[1]), (3, 1, 1))).astype(
+            np.float32
+        )
         lin += rng.uniform(-0.3, 0.3, (3, 1, 1)).astype(np.float32)
         if rng.random() < 0.5:  # bleed-through of DAPI into the other channels
             lin[1:] += rng.uniform(0, 0.15, (2, 1, 1)).astype(np.float32) * lin[:1]

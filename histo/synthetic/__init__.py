@@ -33,35 +33,43 @@ Coordinates: ``x_um = x_px * pixel_size_um`` with level-0 pixel centres at integ
 
 from __future__ import annotations
 
-from ._api import (
-    SAMPLE_SIZE_PX,
-    SAMPLE_SLIDES,
-    SyntheticSlide,
-    generate_cohort,
-    generate_sample_data,
-    generate_slide,
-    load_truth,
-    render_preview,
-    slide_stem,
-    truth_dir_for,
-)
-from ._biology import lesion_model
-from ._scene import CHANNELS, LABEL_CHANNELS, SlideSpec, build_scene
+import importlib
+from typing import Any
 
-__all__ = [
-    "CHANNELS",
-    "SAMPLE_SIZE_PX",
-    "SAMPLE_SLIDES",
-    "LABEL_CHANNELS",
-    "SlideSpec",
-    "SyntheticSlide",
-    "build_scene",
-    "generate_cohort",
-    "generate_sample_data",
-    "generate_slide",
-    "lesion_model",
-    "load_truth",
-    "render_preview",
-    "slide_stem",
-    "truth_dir_for",
-]
+# Public name -> module that defines it, imported on first access (``__getattr__``), so that
+# the CLI can read the appearance families' names without loading numpy and pandas.
+_LAZY_ATTRIBUTES = {
+    "SAMPLE_SIZE_PX": "._api",
+    "SAMPLE_SLIDES": "._api",
+    "SyntheticSlide": "._api",
+    "generate_cohort": "._api",
+    "generate_sample_data": "._api",
+    "generate_slide": "._api",
+    "load_truth": "._api",
+    "render_preview": "._api",
+    "slide_stem": "._api",
+    "truth_dir_for": "._api",
+    "lesion_model": "._biology",
+    "CHANNELS": "._scene",
+    "LABEL_CHANNELS": "._scene",
+    "SlideSpec": "._scene",
+    "build_scene": "._scene",
+    "Appearance": "._appearance",
+    "FAMILIES": "._appearance",
+    "random_appearance": "._appearance",
+}
+
+__all__ = sorted(_LAZY_ATTRIBUTES)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_ATTRIBUTES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is not imported at run time: the CLI reads this module for --help
+    import numpy as np
 
 HER2_PATTERNS = (
     "default",  # bright membrane, weaker cytoplasm, dark over the nucleus

@@ -28,59 +28,68 @@ Sub-commands
 ``label-table``  per-cell table of a label mask: centroid, area, mean of each channel (over the
                  cell, or the cell grown by ``--ring-um`` for nuclear masks) and an Otsu gate.
 
-Data used (Dec 2025 snapshots; commands below; see /work/real_if_data/*/README.txt)
-------------------------------------------------------------------------------------
-1. ``ark_fov8`` -- angelolab/ark-analysis (MIT), commit 3558771dd12ebe0d7c3b1b3b53bb20ece0af1e71,
-   ``data/example_dataset/input_data/single_channel_inputs/fov8/TIFs/*.tif`` (MIBI-TOF breast
-   tumour, 1024 x 1024, uint8 counts; HH3 = histone H3 as nuclear channel, HER2, PanKeratin,
-   ECadherin, Ki67, ...) and ``data/example_dataset/deepcell_output/fov8_feature_0.tif``
-   (DeepCell whole-cell mask, 272 cells). No phenotype table is published with it: marker+ is
-   gated from per-cell mean intensity (Otsu), i.e. labels are derived, not expert calls. The
-   pixel size is not stated; ~0.5 um/px (MIBI 500 um FOV at 1024 px) is assumed.
-2. ``dcis_2203`` / ``dcis_2206`` -- SydneyBioX/simpleSeg (GPL-3), commit
-   48b82bb52403ef0f1fa6bcc8041ec33a0eaef09e, ``inst/extdata/Point2203_pt1072_31606/*.tif`` and
-   ``Point2206_pt1116_31620/*.tif`` (MIBI-TOF DCIS, Risom et al. Cell 2022; 1024 x 1024; HH3,
-   HER2, PanKRT, ECAD, Ki67, ...) with nuclear masks from ``tests/testthat/saved_masks.rds``
-   (simpleSeg's own segmentation: 625 and 1456 nuclei). Marker+ gated as above on the nucleus
-   grown by 2 um. Pixel size assumed 0.5 um/px.
+Data used (see /work/real_if_data/*/README.txt; nothing of it is in the repository)
+---------------------------------------------------------------------------------
+1. ``dcis_2203`` / ``dcis_2206`` -- SydneyBioX/simpleSeg (GPL-3), commit
+   48b82bb52403ef0f1fa6bcc8041ec33a0eaef09e: ``inst/extdata/Point2203_pt1072_31606/*.tif`` and
+   ``inst/extdata/Point2206_pt1116_31620/*.tif``, MIBI-TOF of ductal carcinoma in situ (Risom
+   et al., Cell 2022), 1024 x 1024 uint8 ion counts per marker (HH3 = histone H3 as the nuclear
+   channel, HER2, PanKRT, ECAD, Ki67, ...), and the nuclear masks the package tests with,
+   ``tests/testthat/saved_masks.rds`` (simpleSeg's own segmentation: 625 and 1456 nuclei).
+2. ``ark_fov8`` -- angelolab/ark-analysis (MIT), commit
+   3558771dd12ebe0d7c3b1b3b53bb20ece0af1e71: ``data/example_dataset/input_data/
+   single_channel_inputs/fov8/TIFs/*.tif`` (MIBI-TOF breast tumour, 1024 x 1024 uint8 counts;
+   HH3, HER2, PanKeratin, ECadherin, Ki67, ...) and ``data/example_dataset/deepcell_output/
+   fov8_feature_0.tif`` (DeepCell whole-cell mask, 272 cells). Its HER2 is at background
+   (median cell mean 0.24 counts/px), so only PanKeratin is scored.
 
-Commands (from the repository root, with the venv active)::
+Neither comes with expert phenotypes: a cell is marker+ when its mean counts (over the cell, or
+the nucleus grown by 2 um) pass an Otsu gate on log1p, computed on the raw counts
+(``label-table``). Pixel sizes are not stated with the data; 0.5 um/px (a 500 um MIBI field at
+1024 px) is assumed. Ion counts have no glass level and no autofluorescence, and lungmets finds
+no tissue in them as they are; the ``stack`` step therefore also writes a fluorescence-like copy
+(Gaussian sigma 1 px, x10, +100 as a glass level): the ``*_if.ome.tif`` images scored below.
 
-    M=/work/.mirror            # fetched bare snapshots (search tool `fetch`)
-    D=/work/real_if_data
-    # ark fov8
-    A=$M/angelolab+ark-analysis/repo; C=3558771dd12ebe0d7c3b1b3b53bb20ece0af1e71
-    mkdir -p $D/ark_fov8_mibi/raw
-    for ch in HH3 HER2 PanKeratin ECadherin Ki67; do git --git-dir=$A show \\
-      $C:data/example_dataset/input_data/single_channel_inputs/fov8/TIFs/$ch.tif \\
-      > $D/ark_fov8_mibi/raw/$ch.tif; done
-    git --git-dir=$A show $C:data/example_dataset/deepcell_output/fov8_feature_0.tif \\
-      > $D/ark_fov8_mibi/raw/fov8_feature_0.tif
-    B=tests/benchmarks/bench_real_if.py; R=$D/ark_fov8_mibi/raw
-    python $B stack --out $D/ark_fov8_mibi/fov8.ome.tif --pixel-size-um 0.5 HH3=$R/HH3.tif \\
-      HER2=$R/HER2.tif PanKeratin=$R/PanKeratin.tif ECadherin=$R/ECadherin.tif Ki67=$R/Ki67.tif
-    python $B label-table --image $D/ark_fov8_mibi/fov8.ome.tif --labels $R/fov8_feature_0.tif \\
-      --gate HER2 --gate PanKeratin --out $D/ark_fov8_mibi/cells.csv
-    python $B run --name ark_fov8 --image $D/ark_fov8_mibi/fov8.ome.tif \\
-      --channels DAPI=HH3,HER2=HER2 --pixel-size-um 0.5 --labels $R/fov8_feature_0.tif \\
-      --cell-table $D/ark_fov8_mibi/cells.csv --positive-column HER2_pos --method unet
-    # ... and --method classical; and with the tumour stand-in:
-    #     --channels DAPI=HH3,HER2=PanKeratin --positive-column PanKeratin_pos
+Commands (repository root, venv active; ``fetch`` is the search tool's, giving bare snapshots
+under /work/.mirror)::
 
-    # simpleSeg DCIS (same pattern; P = Point2203_pt1072_31606 or Point2206_pt1116_31620)
-    S=$M/SydneyBioX+simpleSeg/repo; C=48b82bb52403ef0f1fa6bcc8041ec33a0eaef09e
-    git --git-dir=$S show $C:tests/testthat/saved_masks.rds > $D/simpleseg_dcis_mibi/raw/saved_masks.rds
-    python $B rds-masks $D/simpleseg_dcis_mibi/raw/saved_masks.rds --out-dir $D/simpleseg_dcis_mibi \\
+    B=tests/benchmarks/bench_real_if.py; D=/work/real_if_data; M=/work/.mirror
+    # --- simpleSeg DCIS (P = Point2203_pt1072_31606, then Point2206_pt1116_31620)
+    G=$M/SydneyBioX+simpleSeg/repo; C=48b82bb52403ef0f1fa6bcc8041ec33a0eaef09e
+    S=$D/simpleseg_dcis_mibi; mkdir -p $S/raw/$P
+    for ch in HH3 HER2 PanKRT ECAD Ki67; do
+      git --git-dir=$G show $C:inst/extdata/$P/$ch.tif > $S/raw/$P/$ch.tif; done
+    git --git-dir=$G show $C:tests/testthat/saved_masks.rds > $S/raw/saved_masks.rds
+    python $B rds-masks $S/raw/saved_masks.rds --out-dir $S \
       --names Point2203_pt1072_31606,Point2206_pt1116_31620
-    python $B stack --out $D/simpleseg_dcis_mibi/$P.ome.tif --pixel-size-um 0.5 \\
-      HH3=.../$P/HH3.tif HER2=.../$P/HER2.tif PanKRT=.../$P/PanKRT.tif ECAD=.../$P/ECAD.tif \\
-      Ki67=.../$P/Ki67.tif
-    python $B label-table --image $D/simpleseg_dcis_mibi/$P.ome.tif \\
-      --labels $D/simpleseg_dcis_mibi/$P.mask.tif --ring-um 2 --gate HER2 --gate PanKRT \\
-      --out $D/simpleseg_dcis_mibi/$P.cells.csv
-    python $B run --name dcis_2203 --image $D/simpleseg_dcis_mibi/$P.ome.tif \\
-      --channels DAPI=HH3,HER2=HER2 --pixel-size-um 0.5 --labels $D/simpleseg_dcis_mibi/$P.mask.tif \\
-      --cell-table $D/simpleseg_dcis_mibi/$P.cells.csv --positive-column HER2_pos --method unet
+    R=$S/raw/$P; CH="HH3=$R/HH3.tif HER2=$R/HER2.tif PanKRT=$R/PanKRT.tif ECAD=$R/ECAD.tif"
+    python $B stack --out $S/$P.ome.tif --pixel-size-um 0.5 $CH Ki67=$R/Ki67.tif
+    python $B stack --out $S/${P}_if.ome.tif --pixel-size-um 0.5 --smooth-sigma-px 1 \
+      --scale 10 --offset 100 $CH Ki67=$R/Ki67.tif
+    python $B label-table --image $S/$P.ome.tif --labels $S/$P.mask.tif --pixel-size-um 0.5 \
+      --ring-um 2 --gate HER2 --gate PanKRT --gate ECAD --out $S/$P.cells.csv
+    python $B run --header --name dcis_2203 --image $S/${P}_if.ome.tif \
+      --channels DAPI=HH3,HER2=HER2 --pixel-size-um 0.5 --labels $S/$P.mask.tif \
+      --cell-table $S/$P.cells.csv --positive-column HER2_pos --method unet
+    #   ... --method classical; and --channels DAPI=HH3,HER2=PanKRT --positive-column PanKRT_pos
+    # --- ark fov8
+    G=$M/angelolab+ark-analysis/repo; C=3558771dd12ebe0d7c3b1b3b53bb20ece0af1e71
+    A=$D/ark_fov8_mibi; R=$A/raw; T=data/example_dataset/input_data/single_channel_inputs/fov8/TIFs
+    mkdir -p $R; for ch in HH3 HER2 PanKeratin ECadherin Ki67; do
+      git --git-dir=$G show $C:$T/$ch.tif > $R/$ch.tif; done
+    git --git-dir=$G show $C:data/example_dataset/deepcell_output/fov8_feature_0.tif \
+      > $R/fov8_feature_0.tif
+    CH="HH3=$R/HH3.tif HER2=$R/HER2.tif PanKeratin=$R/PanKeratin.tif ECadherin=$R/ECadherin.tif"
+    python $B stack --out $A/fov8.ome.tif --pixel-size-um 0.5 $CH Ki67=$R/Ki67.tif
+    python $B stack --out $A/fov8_if.ome.tif --pixel-size-um 0.5 --smooth-sigma-px 1 \
+      --scale 10 --offset 100 $CH Ki67=$R/Ki67.tif
+    python $B label-table --image $A/fov8.ome.tif --labels $R/fov8_feature_0.tif \
+      --gate HER2 --gate PanKeratin --gate ECadherin --out $A/cells.csv
+    python $B run --name ark_fov8 --image $A/fov8_if.ome.tif --channels DAPI=HH3,HER2=PanKeratin \
+      --pixel-size-um 0.5 --labels $R/fov8_feature_0.tif --cell-table $A/cells.csv \
+      --positive-column PanKeratin_pos --method unet
+
+Each run takes 2-6 s on one core (``--threads 1``, the default here).
 
 Only public entry points are used: `histo.analyze_slide`, `histo.AnalysisConfig`,
 `histo.open_slide`, `histo.io.write_ome_tiff` and `histo.io.pyramid_levels`.
@@ -484,7 +493,11 @@ def main(argv=None) -> None:
     r.add_argument("--positive-column", help="column that says marker+ (bool/0-1, or see below)")
     r.add_argument("--positive-values", help="comma list of values of the column that are +")
     r.add_argument("--positive-threshold", type=float, default=None, help="numeric column >= T")
-    r.add_argument("--positive-from-channel", help="no table: gate this channel's cell means")
+    r.add_argument(
+        "--positive-from-channel",
+        help="no table: Otsu-gate this channel's cell means, on the --image pixels as given "
+        "(for a preprocessed image, gate the raw data with label-table instead)",
+    )
     r.add_argument("--ring-um", type=float, default=0.0, help="grow labels by this for gating")
     r.add_argument("--match-um", type=float, default=5.0)
     r.add_argument("--method", choices=("unet", "classical"), default="unet")

@@ -1,0 +1,196 @@
+"""Leave-family-out accuracy: the detectors on appearance families they were not trained on.
+
+Run on demand (never in CI)::
+
+    # the leave-family-out model: every family held out (entirely, or beyond its training range)
+    python3 -m models.train --out /tmp/lofo.pt --steps 1200 --slides 32 --lr 1e-3 \\
+        --from-model <the v1 weights (git show v1:models/weights/...)> \\
+        --exclude-families her2_pattern,nucleus_dapi,packing,ki67_dapi,autofluorescence,\\
+bleed_through,tumour_dense,dtype,pixel_size,layout
+    python3 tests/benchmarks/bench_generalisation.py --models lofo=/tmp/lofo.pt,shipped=default \\
+        [--methods classical] [--write]
+
+Every held-out case of `histo.synthetic._appearance.FAMILIES` (and the default style, for
+reference) is drawn on two infected sections (IAV 15 and 28 dpi, seeds 91000+, never used in
+training), 1024 x 768 um each whatever the pixel size. Cells match within 5 um; lesions match
+by centroid (6 um, half the radius for large foci) *and class* (strict F1 per class). The
+figure to read is the worst case of each column, printed last, not a pooled mean.
+``--write`` puts the table into BENCHMARKS.md between the ``bench_generalisation`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from histo.config import AnalysisConfig
+from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
+from histo.pipeline import analyze_slide
+from histo.synthetic import generate_slide, load_truth
+from histo.synthetic._appearance import Appearance, held_out_cases
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, write_section  # noqa: E402
+
+SECTIONS = [("IAV", 15), ("IAV", 28)]
+SEED = 91000
+FIELD_UM = (1024, 768)
+
+
+def case_name(family: str, app: Appearance, px: float) -> str:
+    """A short label: the family and the fields that differ from the default style."""
+    default = Appearance().to_dict()
+    parts = [f"{k}={v}" for k, v in app.to_dict().items() if v != default[k]]
+    if px != 0.5:
+        parts.append(f"{px} um/px")
+    return f"{family}: " + (", ".join(parts) if parts else "default")
+
+
+def case_slides(data: Path, index: int, app: Appearance, px: float) -> list[Path]:
+    """The two sections of one case (generated once into `data`)."""
+    paths = []
+    for j, (group, dpi) in enumerate(SECTIONS):
+        path = data / f"case{index:02d}_{j}.ome.tif"
+        if not path.exists():
+            generate_slide(
+                path,
+                size_px=(int(round(FIELD_UM[0] / px)), int(round(FIELD_UM[1] / px))),
+                group=group,
+                dpi=dpi,
+                seed=SEED + 2 * index + j,
+                pixel_size_um=px,
+                appearance=app,
+                labels=False,
+            )
+        paths.append(path)
+    return paths
+
+
+def score(results_truths) -> dict:
+    """Pooled cell and strict lesion figures of (result, truth) pairs."""
+    cell = np.zeros(3)
+    les = {c: np.zeros(3) for c in CLASSES}
+    n_pred = n_truth = 0
+    for r, t in results_truths:
+        ce = evaluate_cells(r.cells, t.cells)
+        cell += (ce["tp"], ce["n_pred"], ce["n_truth"])
+        n_pred += len(r.cells)
+        n_truth += len(t.cells)
+        le = evaluate_lesions(r.lesions, t.lesions)
+        for c in CLASSES:
+            les[c] += le.loc[c, ["tp", "n_pred", "n_truth"]].to_numpy(float)
+
+    def prf(tp, npred, ntruth):
+        p = tp / npred if npred else (1.0 if ntruth == 0 else 0.0)
+        r = tp / ntruth if ntruth else (1.0 if npred == 0 else 0.0)
+        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+    p, r, f = prf(*cell)
+    out = {"P": p, "R": r, "F1": f, "count": (n_pred - n_truth) / max(n_truth, 1), "n": n_truth}
+    for c in CLASSES:
+        out[c] = prf(*les[c])[2]
+        out[f"n_{c}"] = int(les[c][2])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--models",
+        default="shipped=default",
+        help="NAME=PATH,... of networks to score ('default': the shipped weights)",
+    )
+    ap.add_argument("--methods", default="classical", help="other detectors to score")
+    ap.add_argument("--data", type=Path, default=Path("/tmp/lungmets_generalisation"))
+    ap.add_argument("--cases", default="", help="only cases whose name contains this")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    detectors = {}
+    for item in filter(None, args.models.split(",")):
+        name, path = item.split("=", 1)
+        detectors[name] = AnalysisConfig(model_path=None if path == "default" else path)
+    for m in filter(None, args.methods.split(",")):
+        detectors[m] = AnalysisConfig(method=m)
+
+    cases = [("default", Appearance(), 0.5), *held_out_cases()]
+    rows = []
+    for index, (family, app, px) in enumerate(cases):
+        name = case_name(family, app, px)
+        if args.cases and args.cases not in name:
+            continue
+        paths = case_slides(args.data, index, app, px)
+        truths = [load_truth(p) for p in paths]
+        for det, config in detectors.items():
+            t0 = time.perf_counter()
+            try:
+                results = [analyze_slide(p, config) for p in paths]
+                s = score(zip(results, truths, strict=True))
+            except Exception as exc:  # a refused slide is a result too
+                s = {"error": f"{type(exc).__name__}: {exc}"[:80]}
+            s.update(case=name, family=family, detector=det, seconds=time.perf_counter() - t0)
+            rows.append(s)
+            print(_row(s), flush=True)
+
+    lines = [
+        machine_line(),
+        "Command: `python3 tests/benchmarks/bench_generalisation.py "
+        f"--models {args.models} --methods {args.methods} --write` (training command of the "
+        "leave-family-out model in the script's docstring). Two infected sections per case "
+        f"(IAV 15 and 28 dpi, seeds {SEED}+, {FIELD_UM[0]}x{FIELD_UM[1]} um). Cells: "
+        "precision / recall / F1 and HER2+ count error; lesions: strict F1 (same class) with "
+        "the number of true lesions.",
+        "",
+        "| case | detector | cells P / R / F1 | count | single F1 (n) | cluster F1 (n) "
+        "| focus F1 (n) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *(_row(r) for r in rows),
+        "",
+        "Worst case per detector over the held-out cases (the default style excluded):",
+        "",
+        "| detector | cells F1 | count error | single F1 | cluster F1 | focus F1 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for det in detectors:
+        held = [r for r in rows if r["detector"] == det and r["family"] != "default"]
+        if not held:
+            continue
+        ok = [r for r in held if "error" not in r]
+        refused = len(held) - len(ok)
+
+        def worst(key, rows_=ok, lowest=True):
+            if not rows_:
+                return "-"
+            r = (min if lowest else max)(rows_, key=lambda x: x[key] if lowest else abs(x[key]))
+            return f"{r[key]:+.1%}" if key == "count" else f"{r[key]:.3f}"
+
+        def worst_cls(c):
+            with_c = [r for r in ok if r[f"n_{c}"] > 0]
+            return worst(c, with_c)
+
+        lines.append(
+            f"| {det}{f' ({refused} refused)' if refused else ''} | {worst('F1')} | "
+            f"{worst('count', lowest=False)} | {worst_cls('single')} | {worst_cls('cluster')} "
+            f"| {worst_cls('focus')} |"
+        )
+    print("\n".join(lines))
+    if args.write:
+        write_section("bench_generalisation", "Generalisation: leave-family-out accuracy", lines)
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['case']} | {r['detector']} | refused: {r['error']} | | | | |"
+    cls = " | ".join(f"{r[c]:.3f} ({r[f'n_{c}']})" for c in CLASSES)
+    return (
+        f"| {r['case']} | {r['detector']} | {r['P']:.3f} / {r['R']:.3f} / {r['F1']:.3f} | "
+        f"{r['count']:+.1%} | {cls} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The generator's appearance families draw what they say, and the slide's reference levels
+come from tissue that stays negative whatever the style."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from histo.config import AnalysisConfig
+from histo.io import open_slide
+from histo.pipeline import measure_background
+from histo.synthetic import Appearance, generate_slide, load_truth
+from histo.synthetic._appearance import FAMILIES, HELD_OUT_ENTIRELY, random_appearance
+
+SIZE = (1024, 1024)
+
+
+def _slide(tmp_path, name, **app):
+    px = app.pop("pixel_size_um", 0.5)
+    return generate_slide(
+        tmp_path / f"{name}.ome.tif",
+        size_px=SIZE,
+        group="IAV",
+        dpi=28,
+        seed=4242,
+        pixel_size_um=px,
+        appearance=Appearance(**app),
+    )
+
+
+def _cell_pixels(slide, channel: int, which: str = "cells"):
+    """Per cancer cell: mean of `channel` over its cell or nucleus label, cytoplasm mean."""
+    img = tifffile.imread(slide.path)[channel].astype(np.float64) - slide.meta["stain"]["offset"]
+    labels = tifffile.imread(slide.truth_dir / "labels.ome.tif")
+    nuc, cell = labels[0], labels[1]
+    ids = slide.cells["cell_id"].to_numpy()
+    n = int(ids.max()) + 1
+    sums = {
+        k: np.bincount(lab.ravel(), weights=img.ravel(), minlength=n)[ids]
+        / np.maximum(np.bincount(lab.ravel(), minlength=n)[ids], 1)
+        for k, lab in (("nucleus", nuc), ("cell", np.where(nuc > 0, 0, cell)))
+    }
+    return sums["nucleus"], sums["cell"]
+
+
+def test_default_appearance_is_the_original_style(tmp_path):
+    a = generate_slide(tmp_path / "a.ome.tif", size_px=(512, 512), group="IAV", seed=3)
+    b = generate_slide(
+        tmp_path / "b.ome.tif", size_px=(512, 512), group="IAV", seed=3, appearance=Appearance()
+    )
+    np.testing.assert_array_equal(tifffile.imread(a.path), tifffile.imread(b.path))
+    assert a.meta["appearance"] == Appearance().to_dict()
+
+
+def test_her2_over_the_nucleus_leaves_no_dark_hole(tmp_path):
+    default = _slide(tmp_path, "default")
+    over = _slide(tmp_path, "over", her2_pattern="over_nucleus")
+    n_d, c_d = _cell_pixels(default, 1)
+    n_o, c_o = _cell_pixels(over, 1)
+    # Default: HER2 over the nucleus is well below the cytoplasm's; over_nucleus: not.
+    assert np.median(n_d / c_d) < 0.6
+    assert np.median(n_o / c_o) > 0.9
+
+
+def test_nucleus_dapi_and_ki67_masking_dim_cancer_nuclei(tmp_path):
+    default = _slide(tmp_path, "default")
+    dim = _slide(tmp_path, "dim", nucleus_dapi=0.3, ki67_dapi=0.3)
+    n_d, _ = _cell_pixels(default, 0)
+    n_m, _ = _cell_pixels(dim, 0)
+    ki = default.cells["ki67_pos"].to_numpy(bool)
+    ratio = n_m / n_d
+    # 0.3 / 0.8 of the default's DAPI, and 0.3 of that again where Ki67 is positive.
+    assert np.median(ratio[~ki]) == pytest.approx(0.3 / 0.8, rel=0.15)
+    assert np.median(ratio[ki]) == pytest.approx(0.3 * 0.3 / 0.8, rel=0.25)
+
+
+def test_cell_size_and_packing_follow_the_appearance(tmp_path):
+    small = _slide(tmp_path, "small", cell_diameter_um=(9, 11), packing=(0.7, 0.8))
+    large = _slide(tmp_path, "large", cell_diameter_um=(21, 25), packing=(0.7, 0.8))
+    d_small = 2 * np.sqrt(small.cells["cell_area_um2"].median() / np.pi)
+    d_large = 2 * np.sqrt(large.cells["cell_area_um2"].median() / np.pi)
+    assert 6 < d_small < 11.5 and 17 < d_large < 26
+
+
+def test_tumour_fraction_covers_that_share_of_the_tissue(tmp_path):
+    s = _slide(tmp_path, "dense", tumour_fraction=0.6)
+    cells = tifffile.imread(s.truth_dir / "labels.ome.tif", key=1) > 0
+    covered = cells.sum() * 0.25 * 1e-6 / s.meta["tissue_area_mm2"]
+    assert 0.4 < covered < 0.75
+    assert s.lesions["n_cells"].max() > 300  # solid tumour, not scattered foci
+
+
+def test_dynamic_range_families_write_their_dtype(tmp_path):
+    u8 = _slide(tmp_path, "u8", dtype="uint8")
+    u12 = _slide(tmp_path, "u12", dtype="uint12")
+    f32 = _slide(tmp_path, "f32", dtype="float32")
+    a8, a12, af = (tifffile.imread(s.path) for s in (u8, u12, f32))
+    assert a8.dtype == np.uint8 and a12.dtype == np.uint16 and af.dtype == np.float32
+    assert a12.max() <= 4095 and af.max() <= 1.0
+    assert (a8 == 255).mean() < 0.01  # a small dynamic range, not a saturated image
+    assert u8.meta["dtype"] == "uint8"
+
+
+def test_bleed_through_and_autofluorescence_change_the_channels(tmp_path):
+    default = _slide(tmp_path, "default")
+    bleed = _slide(tmp_path, "bleed", bleed_through=0.25)
+    # DAPI seen in HER2: over nuclei, HER2 rises by about a quarter of their DAPI.
+    n_d, _ = _cell_pixels(default, 0)
+    h_d, _ = _cell_pixels(default, 1)
+    h_b, _ = _cell_pixels(bleed, 1)
+    assert np.median((h_b - h_d) / n_d) == pytest.approx(0.25, rel=0.3)
+    low = _slide(tmp_path, "low", autofluorescence=0.1)
+    assert low.meta["stain"]["autofluorescence"]["HER2"] == pytest.approx(
+        0.1 * default.meta["stain"]["autofluorescence"]["HER2"], rel=1e-3
+    )
+
+
+@pytest.mark.parametrize("layout", ["stroma", "liver"])
+def test_other_tissue_layouts_have_no_airspace(tmp_path, layout):
+    lung = _slide(tmp_path, "lung")
+    other = _slide(tmp_path, layout, layout=layout)
+
+    def dark_share(s):
+        # Share of tissue pixels (at ~8 um) that are as dark as airspace in HER2.
+        slide = open_slide(s.path)
+        mask, _, stain = measure_background(slide, AnalysisConfig())
+        low = np.asarray(slide.levels[-1].compute())[1].astype(float) - stain.offset[1]
+        m = mask if mask.shape == low.shape else np.ones(low.shape, bool)
+        return float(np.mean(low[m] < 0.3 * stain.autofluorescence[1]))
+
+    assert dark_share(other) < 0.5 * dark_share(lung)
+    if layout == "liver":
+        assert (other.nuclei["kind"] == "hepatocyte").sum() > 200
+
+
+def test_random_appearance_never_draws_held_out_values():
+    rng = np.random.default_rng(0)
+    assert set(HELD_OUT_ENTIRELY) == {"her2_pattern", "dtype", "layout"}
+    for _ in range(300):
+        app, px = random_appearance(rng, exclude=tuple(FAMILIES))
+        assert app.her2_pattern == "default" and app.dtype == "uint16"
+        assert app.layout == "alveolar"
+        assert 0.4 <= px <= 0.7
+        assert app.nucleus_dapi >= 0.5 and app.ki67_dapi >= 0.55
+        assert 0.3 <= app.autofluorescence <= 3.0 and app.tumour_fraction <= 0.4
+    # ... while the whole-range draw reaches them.
+    full = [random_appearance(rng)[0] for _ in range(300)]
+    assert {a.her2_pattern for a in full} >= {"over_nucleus", "granular"}
+    assert {a.dtype for a in full} >= {"uint8", "float32"}
+    assert {a.layout for a in full} >= {"liver", "stroma"}
+
+
+@pytest.mark.parametrize(
+    "app",
+    [
+        {"tumour_fraction": 0.6},
+        {"layout": "stroma"},
+        {"dtype": "uint8"},
+        {"dtype": "float32"},
+        {"her2_pattern": "over_nucleus"},
+    ],
+    ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()),
+)
+def test_autofluorescence_reference_comes_from_negative_tissue(tmp_path, app):
+    """The slide's HER2 reference stays at the tissue's autofluorescence (generator truth),
+    also where HER2+ tumour covers most of the tissue, in 8-bit and in float files."""
+    s = _slide(tmp_path, "s", **app)
+    slide = open_slide(s.path)
+    _, _, stain = measure_background(slide, AnalysisConfig())
+    meta = s.meta["stain"]
+    scale = {"uint8": 180.0 / (meta["gain"]["DAPI"] * _nucleus_dapi(s)), "float32": 1 / 65535}
+    truth = meta["autofluorescence"]["HER2"] * meta["gain"]["HER2"]
+    truth *= scale.get(app.get("dtype"), 1.0)
+    # Walls are drawn at the autofluorescence times their texture and the scanner's
+    # illumination (0.8-1.1): the measured level lies within 25% of the drawn one.
+    assert stain.autofluorescence[1] == pytest.approx(truth, rel=0.25)
+
+
+def _nucleus_dapi(s) -> float:
+    from histo.synthetic import SlideSpec, build_scene
+
+    spec = SlideSpec(**{**s.meta["spec"], "appearance": Appearance.from_dict(s.meta["appearance"])})
+    return float(build_scene(spec).stain.nucleus_dapi)
+
+
+def test_synth_cli_takes_the_families(tmp_path):
+    out = tmp_path / "cli.ome.tif"
+    cmd = [sys.executable, "-m", "histo", "synth", "slide", str(out), "--size", "512x512"]
+    cmd += ["--her2-pattern", "granular", "--dtype", "uint8", "--layout", "liver"]
+    cmd += ["--cell-diameter-um", "20-24", "--tumour-fraction", "0.3", "--no-labels"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    meta = json.loads((tmp_path / "cli.truth" / "slide.json").read_text())
+    assert meta["appearance"]["her2_pattern"] == "granular"
+    assert meta["appearance"]["cell_diameter_um"] == [20.0, 24.0]
+    assert meta["appearance"]["layout"] == "liver" and meta["dtype"] == "uint8"
+    assert tifffile.imread(out).dtype == np.uint8
+    assert len(load_truth(out).cells) > 0
+    bad = subprocess.run([*cmd[:6], "--packing", "0.2-0.3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "packing" in bad.stderr and "Traceback" not in bad.stderr

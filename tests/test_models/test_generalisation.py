@@ -1,0 +1,115 @@
+"""The shipped network on every held-out appearance family (small slides, the CI version of
+``tests/benchmarks/bench_generalisation.py``), at any pixel size, and on tumour-dense and 8-bit
+slides.
+
+Each case is a generated infected section in a style of `histo.synthetic._appearance.FAMILIES`
+(held-out values: beyond the range of, or outside, what a leave-family-out model is trained
+on), with seeds never used in training. The thresholds are below what the shipped network
+measures on these very slides (BENCHMARKS.md, "Generalisation"), so a regression fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from histo.config import AnalysisConfig
+from histo.evaluate import evaluate_cells, evaluate_lesions
+from histo.pipeline import analyze_slide
+from histo.synthetic import Appearance, generate_slide
+from histo.synthetic._appearance import held_out_cases
+
+#: Cell F1 the shipped network reaches at least on every held-out family slide.
+MIN_CELL_F1 = 0.93
+#: HER2+ count within this fraction of the truth.
+MAX_COUNT_ERROR = 0.08
+
+CASES = [("default", Appearance(), 0.5), *held_out_cases()]
+
+
+def _name(case) -> str:
+    family, app, px = case
+    default = Appearance().to_dict()
+    diff = [f"{k}={v}" for k, v in app.to_dict().items() if v != default[k]]
+    return "-".join([family, *diff, f"{px}um"]).replace(" ", "")
+
+
+@pytest.fixture(scope="module")
+def family_slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("families")
+    cache = {}
+
+    def get(case):
+        family, app, px = case
+        key = _name(case)
+        if key not in cache:
+            # 600 x 600 um of an infected lung at 28 dpi with a high burden: about 100 cells.
+            side = int(round(600 / px))
+            cache[key] = generate_slide(
+                folder / f"{key[:60]}.ome.tif",
+                size_px=(side, side),
+                group="IAV",
+                dpi=28,
+                seed=77001,
+                mouse_burden=4.0,
+                pixel_size_um=px,
+                appearance=app,
+                labels=False,
+            )
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=_name)
+def test_shipped_network_finds_the_cells_of_every_held_out_family(family_slides, case):
+    s = family_slides(case)
+    r = analyze_slide(s.path, AnalysisConfig())
+    cells = evaluate_cells(r.cells, s.cells)
+    assert len(s.cells) >= 40
+    assert cells["f1"] >= MIN_CELL_F1, cells
+    assert abs(cells["count_error"]) <= MAX_COUNT_ERROR, cells
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "app",
+    [Appearance(tumour_fraction=0.85), Appearance(dtype="uint8")],
+    ids=["tumour-dense", "8-bit"],
+)
+def test_tumour_dense_and_8_bit_slides_keep_their_recall(tmp_path, app):
+    s = generate_slide(
+        tmp_path / "s.ome.tif",
+        size_px=(1200, 1200),
+        group="IAV",
+        dpi=15,
+        seed=77002,
+        appearance=app,
+        labels=False,
+    )
+    r = analyze_slide(s.path, AnalysisConfig())
+    cells = evaluate_cells(r.cells, s.cells)
+    assert cells["recall"] >= 0.95, cells
+    assert cells["precision"] >= 0.95, cells
+    lesions = evaluate_lesions(r.lesions, s.lesions)
+    assert lesions.loc["focus", "recall"] >= 0.9
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.325, 0.65, 0.8])
+def test_any_pixel_size_is_analysed_not_refused(tmp_path, pixel_size_um):
+    """Scans at 0.65 um/px (10x) and others that are no whole fraction of the model's 1 um/px
+    are resampled to it; cells come back in the slide's own coordinates."""
+    side = int(round(500 / pixel_size_um))
+    s = generate_slide(
+        tmp_path / "s.ome.tif",
+        size_px=(side, side),
+        group="IAV",
+        dpi=28,
+        seed=77003,
+        mouse_burden=4.0,
+        pixel_size_um=pixel_size_um,
+        labels=False,
+    )
+    r = analyze_slide(s.path, AnalysisConfig())
+    cells = evaluate_cells(r.cells, s.cells, distance_um=3.0)
+    assert cells["f1"] >= 0.95, cells
