@@ -168,7 +168,7 @@ def main() -> None:
             r = (min if lowest else max)(rows_, key=lambda x: x[key] if lowest else abs(x[key]))
             return f"{r[key]:+.1%}" if key == "count" else f"{r[key]:.3f}"
 
-        def worst_cls(c):
+        def worst_cls(c, ok=ok):
             with_c = [r for r in ok if r[f"n_{c}"] > 0]
             return worst(c, with_c)
 
