@@ -504,7 +504,21 @@ def _run_train(args: argparse.Namespace) -> int:
             f"{args.out}: a model is saved as a .pt file (its config goes beside "
             f"it as .json); give a name like {args.out.stem}.pt"
         )
-    config = TrainConfig(steps=args.steps, seed=args.seed)
+    from histo.synthetic._appearance import FAMILIES
+
+    exclude = tuple(f for f in (args.exclude_families or "").split(",") if f)
+    unknown = sorted(set(exclude) - set(FAMILIES))
+    if unknown:
+        raise InputError(
+            f"unknown appearance families: {', '.join(unknown)}; known: {', '.join(FAMILIES)}"
+        )
+    config = TrainConfig(
+        steps=args.steps,
+        seed=args.seed,
+        lr=TrainConfig.lr if args.lr is None else args.lr,
+        families=not args.no_families,
+        exclude_families=exclude,
+    )
     with _tqdm_progress("training") as progress:
         path = run_training(
             args.out,
@@ -820,6 +834,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="start from this model (fine-tuning), e.g. the shipped one",
+    )
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        metavar="F",
+        help="peak learning rate (default: the training recipe's)",
+    )
+    train.add_argument(
+        "--no-families",
+        action="store_true",
+        help="generated slides in the generator's default style only (no appearance families)",
+    )
+    train.add_argument(
+        "--exclude-families",
+        default="",
+        metavar="NAMES",
+        help="appearance families held out of training, e.g. her2_pattern,dtype,layout "
+        "(for leave-family-out evaluation)",
     )
     train.set_defaults(handler=_run_train)
 

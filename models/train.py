@@ -495,6 +495,7 @@ def run_training(
         "training_slides": [p.name for p in tr_paths],
         "validation_slides": [p.name for p in va_paths],
         "fine_tuned_from": str(init_model) if init_model else None,
+        "parent_sha256": loaded.sha256 if init_model else None,
         "torch_version": torch.__version__,
     }
     return save_model(model, out, train_config=config, extra=extra)

@@ -107,3 +107,11 @@ def test_bad_dpi_list_is_a_usage_error_naming_the_option(tmp_path):
     result = run_lungmets("synth", "cohort", str(tmp_path), "--dpi", "3,nine")
     assert result.returncode == 2
     assert "argument --dpi" in result.stderr
+
+
+def test_train_names_an_unknown_appearance_family(tmp_path):
+    result = run_lungmets("train", str(tmp_path / "m.pt"), "--exclude-families", "dtype,colour")
+    assert result.returncode != 0
+    assert "unknown appearance families: colour" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m.pt").exists()
