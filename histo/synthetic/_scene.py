@@ -676,11 +676,12 @@ def _her2_pattern(app, membrane, cyto_tex, nucleus_soft, r_app, px_um):
     return (0.1 + granules + 0.3 * membrane) * (1.0 - 0.6 * nucleus_soft)
 
 
-def _tumour_regions(rng, dshape, tissue, fraction, factor, px_um, app):
+def _tumour_regions(rng, dshape, tissue, fraction, px_um, app):
     """Solid tumour covering `fraction` of the tissue: cells on a jittered hexagonal lattice.
 
-    Returns a list of lesions, each ``(centre_px (2,), cells tuple as `_grow_lesion`)``: one per
-    connected region of tumour, of a few to thousands of cells.
+    Returns ``(lesions, region)``: one lesion per connected region of tumour (a few to
+    thousands of cells), each ``(centre_px (2,), cells tuple as `_grow_lesion`)``, and the
+    tumour's mask on the design grid (None when there is none).
     """
     field = _coarse_field(rng, dshape, 8.0, 70.0)
     inner = ndi.binary_erosion(tissue > 0.98, iterations=3)
@@ -952,7 +953,7 @@ def build_scene(spec: SlideSpec) -> Scene:
     nests = []
     if app.tumour_fraction > 0:
         # Solid tumour first; the other lesions keep 30 um away from it.
-        nests, region = _tumour_regions(r_app, dshape, tissue, app.tumour_fraction, factor, px, app)
+        nests, region = _tumour_regions(r_app, dshape, tissue, app.tumour_fraction, px, app)
         if region is not None:
             inner = inner & ~ndi.binary_dilation(region, iterations=int(30 / DESIGN_UM) + 1)
     candidates = np.flatnonzero(ndi.binary_erosion(inner, iterations=2).ravel())
