@@ -76,6 +76,7 @@ def main() -> None:
         default="none,scale0.5,scale2,noise2",
         help="robustness variants: HER2 and DAPI scaled, or noise doubled",
     )
+    ap.add_argument("--model", default=None, help="network weights (default: the shipped ones)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rows = []
@@ -93,7 +94,7 @@ def main() -> None:
             n_pred = n_truth = ki_pred = ki_truth = 0
             t0 = time.perf_counter()
             for s in slides_v:
-                r = analyze_slide(s.path, AnalysisConfig(method=method))
+                r = analyze_slide(s.path, AnalysisConfig(method=method, model_path=args.model))
                 le = evaluate_lesions(r.lesions, s.lesions)
                 for c in lesion_tot:
                     lesion_tot[c][0] += int(le.loc[c, "tp"])
@@ -123,7 +124,10 @@ def main() -> None:
     df = pd.DataFrame(rows).set_index("method").T
     lines = [
         machine_line(),
-        f"Command: `python3 tests/benchmarks/bench_accuracy.py --size {args.size} --write`; "
+        f"Command: `python3 tests/benchmarks/bench_accuracy.py --size {args.size} "
+        f"--methods {args.methods} --perturb {args.perturb}"
+        + (f" --model {args.model}" if args.model else "")
+        + " --write`; "
         f"{len(HELD_OUT)} held-out slides (seeds 90001-{90000 + len(HELD_OUT)}): "
         + ", ".join(f"{g} d{d}{'' if k else ' no Ki67'}" for g, d, k in HELD_OUT)
         + ".",
