@@ -148,10 +148,11 @@ def stain_levels(
 ) -> StainLevels:
     """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
 
-    The autofluorescence of each channel comes from tissue that stays negative: pixels that
-    are neither nuclei nor airspace and are lit in every channel (autofluorescence is
-    broad-band), and of those the channel's lowest population, never the median over all tissue
-    (which is the marker itself where positive cells cover most of the section).
+    The autofluorescence of each channel is the median of tissue that is neither nucleus nor
+    airspace; for a marker whose positive cells cover much of the section (solid tumour), where
+    that median is the marker itself, it comes instead from tissue that stays negative: the
+    autofluorescence's own ratio to the DAPI channel (the lowest population of that ratio;
+    autofluorescence is broad-band, a marker is not) times the DAPI channel's level.
 
     Parameters
     ----------
@@ -176,13 +177,6 @@ def stain_levels(
     nuclear_dapi = float(np.percentile(d, 99.0))
     # Tissue that is neither nucleus nor airspace: the alveolar walls' autofluorescence.
     not_nuclear = d < 0.15 * nuclear_dapi
-    # Cells sit on the walls (and in stroma, parenchyma, tumour), not in airspace: the few um
-    # around nuclei are tissue, even where airspace is as autofluorescent as glass is not.
-    near = []
-    for w in windows:
-        nuc_w = (w[dapi].astype(np.float32) - offset[dapi]) >= 0.15 * nuclear_dapi
-        near.append((ndi.binary_dilation(nuc_w, iterations=3) & ~nuc_w).ravel())
-    near = np.concatenate(near)[not_nuclear]
     # Integer counts cannot resolve less than one count; floats get the equivalent of a count.
     integer = all(np.issubdtype(w.dtype, np.integer) for w in windows)
     if integer:
@@ -191,20 +185,31 @@ def stain_levels(
         floors = np.maximum(np.asarray(unit, float), 1e-12)
     else:
         floors = np.full(c, max(1e-6 * float(np.ptp(pix)), 1e-12))
-    # Autofluorescent tissue (alveolar walls, stroma) is lit in every channel at once, while
-    # airspace is dark in all and a marker's positive cells are bright in their own channel
-    # only: the pixels lit in every channel, next to a nucleus, are the negative tissue. Of
-    # those, each channel's lowest population is its autofluorescence (`negative_level`), so
-    # that positive cells covering most of the tissue (a tumour-dense section) do not become
-    # the reference.
+    # Lung tissue is dark airspace and bright alveolar walls: split the two (Otsu on log
+    # intensity, so the split does not depend on exposure) and take the walls' median.
     logs = [_log_units(pix[i][not_nuclear], floors[i]) for i in range(c)]
     lit = [_lit(lv) for lv in logs]
-    walls = np.logical_and.reduce(lit) & near
-    af, nuc = [], []
+    af = [
+        max(float(np.expm1(np.median(lv[m])) * f), f)
+        for lv, m, f in zip(logs, lit, floors, strict=True)
+    ]
+    # Where a marker's positive cells cover much of the tissue (solid tumour), its median is the
+    # marker itself. Autofluorescence is broad-band: its ratio to the DAPI channel's is the same
+    # in walls, interstitium and airspace, and a positive cell only raises that ratio. The
+    # lowest population of the ratio is therefore the autofluorescence's own, and times the
+    # DAPI channel's level it gives the marker's reference where the median is far above it.
+    spectral = [None] * c
     for i in range(c):
-        sel = walls if walls.sum() >= 200 else lit[i]
-        af.append(max(negative_level(logs[i][sel], floors[i]), floors[i]))
-        nuc.append(float(np.percentile(pix[i], 99.0)))
+        both = lit[i] & lit[dapi]
+        if i == dapi or both.sum() < 200:
+            continue
+        v_i = np.maximum(pix[i][not_nuclear][both], floors[i])
+        v_d = np.maximum(pix[dapi][not_nuclear][both], floors[dapi])
+        ratio = np.exp(_lowest_mode(np.log(v_i / v_d)))
+        spectral[i] = ratio * af[dapi]
+        if af[i] > SPECTRAL_GUARD * spectral[i]:
+            af[i] = max(spectral[i], floors[i])
+    nuc = [float(np.percentile(pix[i], 99.0)) for i in range(c)]
     return StainLevels(
         offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)
     )
@@ -220,16 +225,19 @@ def _lit(lv: np.ndarray) -> np.ndarray:
     return lv > threshold_otsu(lv) if np.ptp(lv) > 0 else np.ones(lv.shape, bool)
 
 
-def negative_level(lv: np.ndarray, floor: float = 1.0) -> float:
-    """Level of the lowest real population of log intensities `lv` (see `stain_levels`).
+#: A marker's median over lit tissue this far above its autofluorescence-ratio level means
+#: positive cells dominate it (see `stain_levels`).
+SPECTRAL_GUARD = 1.5
 
-    The lowest mode of the histogram that holds at least 30% of the highest peak; the level
-    is the median of the values within 35% of it, back in intensity units.
-    """
-    lv = np.asarray(lv, np.float64)
-    if lv.size < 20 or np.ptp(lv) < 0.2:
-        return float(np.expm1(np.median(lv)) * floor) if lv.size else floor
-    hist, edges = np.histogram(lv, bins=max(8, int(np.ptp(lv) / 0.05)))
+
+def _lowest_mode(values: np.ndarray) -> float:
+    """The lowest mode of `values` that holds a real population (at least 30% of the highest
+    peak of the smoothed histogram), refined as the median within 0.3 of it."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 20 or np.ptp(v) < 0.2:
+        return float(np.median(v)) if v.size else 0.0
+    hist, edges = np.histogram(v, bins=max(8, int(np.ptp(v) / 0.05)))
     smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0, mode="constant")
     peaks = np.flatnonzero(
         (smooth >= np.r_[-1, smooth[:-1]])
@@ -237,8 +245,8 @@ def negative_level(lv: np.ndarray, floor: float = 1.0) -> float:
         & (smooth >= 0.3 * smooth.max())
     )
     mode = 0.5 * (edges[peaks[0]] + edges[peaks[0] + 1])
-    near = lv[np.abs(lv - mode) < np.log(1.35)]
-    return float(np.expm1(np.median(near if near.size else lv)) * floor)
+    near = v[np.abs(v - mode) < 0.3]
+    return float(np.median(near if near.size else v))
 
 
 def tissue_windows(mask: np.ndarray, n: int = 24, seed: int = 0) -> np.ndarray:

@@ -56,6 +56,8 @@ class TrainConfig:
     families: bool = True
     #: Families held out of training (entirely, or beyond their training range).
     exclude_families: tuple[str, ...] = ()
+    #: Share of patches drawn at another scale (`ZOOM_RANGE`).
+    zoom_probability: float = ZOOM_PROBABILITY
 
 
 # ----------------------------------------------------------------------------- data
@@ -130,7 +132,13 @@ def _bumps(shape, pts, y0, x0, sigma=CENTRE_SIGMA_PX):
     return out
 
 
-def sample_patch(rng, sd: SlideData, patch: int = PATCH, augment: bool = True):
+def sample_patch(
+    rng,
+    sd: SlideData,
+    patch: int = PATCH,
+    augment: bool = True,
+    zoom_probability: float = ZOOM_PROBABILITY,
+):
     """One (input (4, P, P), target (3, P, P)) pair, half of them centred near a cancer cell."""
     from scipy import ndimage as ndi
 
@@ -144,7 +152,7 @@ def sample_patch(rng, sd: SlideData, patch: int = PATCH, augment: bool = True):
     # Scale: cells from about 0.6x to 1.7x the generator's sizes (9-25 um cells, or a pixel
     # size the metadata gets wrong), so that the network counts nuclei, not one size of them.
     zoom = 1.0
-    if augment and rng.random() < ZOOM_PROBABILITY:
+    if augment and rng.random() < zoom_probability:
         zoom = float(np.exp(rng.uniform(np.log(ZOOM_RANGE[0]), np.log(ZOOM_RANGE[1]))))
     src = min(int(round(patch * zoom)), h, w)
     f = src / patch
@@ -321,7 +329,11 @@ def train(
     for step in range(1, config.steps + 1):
         model.train()
         batch = [
-            sample_patch(rng, train_slides[int(rng.integers(len(train_slides)))])
+            sample_patch(
+                rng,
+                train_slides[int(rng.integers(len(train_slides)))],
+                zoom_probability=config.zoom_probability,
+            )
             for _ in range(config.batch_size)
         ]
         x = torch.from_numpy(np.stack([b[0] for b in batch])).to(dev)
@@ -551,6 +563,8 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
     )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--zoom-probability", type=float, default=TrainConfig.zoom_probability)
+    p.add_argument("--no-families", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.threads:
@@ -559,7 +573,12 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
         torch.set_num_threads(args.threads)
     exclude = tuple(f for f in args.exclude_families.split(",") if f)
     config = TrainConfig(
-        steps=args.steps, n_train_slides=args.slides, exclude_families=exclude, lr=args.lr
+        steps=args.steps,
+        n_train_slides=args.slides,
+        exclude_families=exclude,
+        lr=args.lr,
+        zoom_probability=args.zoom_probability,
+        families=not args.no_families,
     )
     path = run_training(args.out, data_dir=args.data, config=config, init_model=args.from_model)
     print(path)

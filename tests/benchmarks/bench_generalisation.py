@@ -15,12 +15,15 @@ reference) is drawn on two infected sections (IAV 15 and 28 dpi, seeds 91000+, n
 training), 1024 x 768 um each whatever the pixel size. Cells match within 5 um; lesions match
 by centroid (6 um, half the radius for large foci) *and class* (strict F1 per class). The
 figure to read is the worst case of each column, printed last, not a pooled mean.
+Results are cached per case and detector in ``--data`` (keyed by the model's SHA-256 and the
+``histo`` code), so detectors can be added to the table later; ``--force`` recomputes.
 ``--write`` puts the table into BENCHMARKS.md between the ``bench_generalisation`` markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -70,6 +73,23 @@ def case_slides(data: Path, index: int, app: Appearance, px: float) -> list[Path
     return paths
 
 
+def _detector_key(config: AnalysisConfig) -> str:
+    """What a cached result depends on: the method, the model's SHA-256, the lungmets code."""
+    import hashlib
+
+    from histo._version import __version__
+
+    key = config.method
+    if config.method == "unet":
+        from models import model_config
+
+        key += "-" + model_config(config.model_path)["sha256"][:12]
+    code = hashlib.sha256()
+    for f in sorted((Path(__file__).parents[2] / "histo").glob("*.py")):
+        code.update(f.read_bytes())
+    return f"{key}-{__version__}-{code.hexdigest()[:8]}"
+
+
 def score(results_truths) -> dict:
     """Pooled cell and strict lesion figures of (result, truth) pairs."""
     cell = np.zeros(3)
@@ -107,6 +127,7 @@ def main() -> None:
     ap.add_argument("--methods", default="classical", help="other detectors to score")
     ap.add_argument("--data", type=Path, default=Path("/tmp/lungmets_generalisation"))
     ap.add_argument("--cases", default="", help="only cases whose name contains this")
+    ap.add_argument("--force", action="store_true", help="recompute cached results")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     args.data.mkdir(parents=True, exist_ok=True)
@@ -126,13 +147,19 @@ def main() -> None:
         paths = case_slides(args.data, index, app, px)
         truths = [load_truth(p) for p in paths]
         for det, config in detectors.items():
-            t0 = time.perf_counter()
-            try:
-                results = [analyze_slide(p, config) for p in paths]
-                s = score(zip(results, truths, strict=True))
-            except Exception as exc:  # a refused slide is a result too
-                s = {"error": f"{type(exc).__name__}: {exc}"[:80]}
-            s.update(case=name, family=family, detector=det, seconds=time.perf_counter() - t0)
+            cache = args.data / f"case{index:02d}.{_detector_key(config)}.json"
+            if cache.exists() and not args.force:
+                s = json.loads(cache.read_text())
+            else:
+                t0 = time.perf_counter()
+                try:
+                    results = [analyze_slide(p, config) for p in paths]
+                    s = score(zip(results, truths, strict=True))
+                except Exception as exc:  # a refused slide is a result too
+                    s = {"error": f"{type(exc).__name__}: {exc}"[:80]}
+                s["seconds"] = time.perf_counter() - t0
+                cache.write_text(json.dumps(s))
+            s.update(case=name, family=family, detector=det)
             rows.append(s)
             print(_row(s), flush=True)
 
