@@ -371,14 +371,20 @@ def _tissue_field(rng, design_shape, frame_um):
     return np.clip((f - thr) / (g * edge_um) + 0.5, 0, 1).astype(np.float32)
 
 
-def _septa(rng, design_shape, tissue):
-    """Distance (um) to the nearest alveolar-septum midline, and the septum half-width."""
+def _jittered_seeds(rng, design_shape, spacing, jitter):
+    """Voronoi seeds (um): a grid of `spacing` over the design field, each moved by up to
+    `jitter` x spacing."""
     hd, wd = design_shape
-    spacing = rng.uniform(32.0, 42.0)
     gy = np.arange(0, hd * DESIGN_UM + spacing, spacing)
     gx = np.arange(0, wd * DESIGN_UM + spacing, spacing)
     sy, sx = np.meshgrid(gy, gx, indexing="ij")
-    seeds = np.c_[sy.ravel(), sx.ravel()] + rng.uniform(-0.45, 0.45, (sy.size, 2)) * spacing
+    return np.c_[sy.ravel(), sx.ravel()] + rng.uniform(-jitter, jitter, (sy.size, 2)) * spacing
+
+
+def _septa(rng, design_shape, tissue):
+    """Distance (um) to the nearest alveolar-septum midline, and the septum half-width."""
+    spacing = rng.uniform(32.0, 42.0)
+    seeds = _jittered_seeds(rng, design_shape, spacing, 0.45)
     tree = cKDTree(seeds)
     dist = np.full(design_shape, 1e3, np.float32)
     inside = tissue > 0
@@ -732,12 +738,8 @@ def _liver_field(rng, dshape, tissue):
     Returns (distance-like field, half-width, hepatocyte centres in um) in the form
     `render_expected` draws as walls: bright cytoplasm inside each cell, dark at its edges.
     """
-    hd, wd = dshape
     spacing = rng.uniform(21.0, 26.0)
-    gy = np.arange(0, hd * DESIGN_UM + spacing, spacing)
-    gx = np.arange(0, wd * DESIGN_UM + spacing, spacing)
-    sy, sx = np.meshgrid(gy, gx, indexing="ij")
-    seeds = np.c_[sy.ravel(), sx.ravel()] + rng.uniform(-0.3, 0.3, (sy.size, 2)) * spacing
+    seeds = _jittered_seeds(rng, dshape, spacing, 0.3)
     iy, ix = np.nonzero(tissue > 0)
     pts = np.c_[(iy + 0.5) * DESIGN_UM, (ix + 0.5) * DESIGN_UM]
     d, _ = cKDTree(seeds).query(pts, k=2, workers=-1)

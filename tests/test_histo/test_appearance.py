@@ -177,8 +177,10 @@ def test_autofluorescence_reference_comes_from_negative_tissue(tmp_path, app):
     truth = meta["autofluorescence"]["HER2"] * meta["gain"]["HER2"]
     truth *= scale.get(app.get("dtype"), 1.0)
     # Walls are drawn at the autofluorescence times their texture and the scanner's
-    # illumination (0.8-1.1): the measured level lies within 25% of the drawn one.
-    assert stain.autofluorescence[1] == pytest.approx(truth, rel=0.25)
+    # illumination (0.8-1.1): the measured level lies within 25% of the drawn one, or within
+    # 60% where HER2+ tumour covers most of the tissue (there the tissue's median is 9x it).
+    tolerance = 1.6 if app.get("tumour_fraction") else 1.25
+    assert truth / tolerance < stain.autofluorescence[1] < truth * tolerance
 
 
 def _nucleus_dapi(s) -> float:
