@@ -26,7 +26,7 @@ from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
 from histo.pipeline import analyze_slide
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import HELD_OUT, held_out_slides, machine_line, write_section  # noqa: E402
+from _common import HELD_OUT, ROOT, held_out_slides, machine_line, write_section  # noqa: E402
 
 
 def _f1(tp, n_pred, n_truth):
@@ -77,11 +77,21 @@ def main() -> None:
         help="robustness variants: HER2 and DAPI scaled, or noise doubled",
     )
     ap.add_argument("--model", default=None, help="network weights (default: the shipped ones)")
+    ap.add_argument(
+        "--sample-data",
+        action="store_true",
+        help="score the two bundled sample slides (sample_data/) instead of held-out ones",
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        slides = [s for _, _, s in held_out_slides(Path(tmp), args.size)]
+        if args.sample_data:
+            from histo.synthetic import load_truth
+
+            slides = [load_truth(p) for p in sorted((ROOT / "sample_data").glob("*.ome.tif"))]
+        else:
+            slides = [s for _, _, s in held_out_slides(Path(tmp), args.size)]
         variants = {}
         for name in args.perturb.split(","):
             variants[name] = (
@@ -127,10 +137,14 @@ def main() -> None:
         f"Command: `python3 tests/benchmarks/bench_accuracy.py --size {args.size} "
         f"--methods {args.methods} --perturb {args.perturb}"
         + (f" --model {args.model}" if args.model else "")
-        + " --write`; "
-        f"{len(HELD_OUT)} held-out slides (seeds 90001-{90000 + len(HELD_OUT)}): "
-        + ", ".join(f"{g} d{d}{'' if k else ' no Ki67'}" for g, d, k in HELD_OUT)
-        + ".",
+        + (" --sample-data`; the two bundled sample slides." if args.sample_data else " --write`; ")
+        + (
+            ""
+            if args.sample_data
+            else f"{len(HELD_OUT)} held-out slides (seeds 90001-{90000 + len(HELD_OUT)}): "
+            + ", ".join(f"{g} d{d}{'' if k else ' no Ki67'}" for g, d, k in HELD_OUT)
+            + "."
+        ),
         "",
         "| | " + " | ".join(df.columns) + " |",
         "| --- |" + " --- |" * len(df.columns),
@@ -140,7 +154,7 @@ def main() -> None:
         ),
     ]
     print("\n".join(lines))
-    if args.write:
+    if args.write and not args.sample_data:
         write_section("bench_accuracy", "Detector accuracy", lines)
 
 
