@@ -201,7 +201,11 @@ def detect_cells_unet(
             cpu = load_model(config.model_path, "cpu")
             maps = predict_maps(cpu.net, x, cpu.device, screen=screen, tile=tile, batch_size=1)
     has_ki67 = "Ki67" in roles
-    cells = cells_from_maps(maps, factor=factor, origin_px=origin_px, has_ki67=has_ki67)
+    # The model's own operating point (calibrated on its validation slides; see its JSON).
+    min_centre = float(model.config.get("centre_threshold", 0.3))
+    cells = cells_from_maps(
+        maps, factor=factor, origin_px=origin_px, has_ki67=has_ki67, min_centre=min_centre
+    )
     if len(cells) == 0:
         from .detect import _empty
 

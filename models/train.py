@@ -407,12 +407,14 @@ def save_model(model, path, *, train_config: TrainConfig, extra: dict | None = N
     return path
 
 
-def publish_model(src, dst, *, parent=None) -> Path:
+def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
     """Save a trained model under its release name (e.g. ``weights/lungmets_unet_v2.pt``).
 
     The weights are the same tensors; the JSON keeps the training record of `src` (recipe,
     history, golden output, slides) with the new name and SHA-256, and, with `parent`, the
-    SHA-256 of the model it was fine-tuned from.
+    SHA-256 of the model it was fine-tuned from. With `calibrate_on` (slides with truth), the
+    nucleus-centre threshold is calibrated on them (`calibrate_centre_threshold`) and stored
+    as ``centre_threshold``, which `histo.network` then uses.
     """
     import json
 
@@ -428,6 +430,10 @@ def publish_model(src, dst, *, parent=None) -> Path:
     if parent is not None:
         keep["parent_sha256"] = load_model(parent, "cpu").sha256
         keep["fine_tuned_from"] = Path(parent).name
+    if calibrate_on:
+        cal = calibrate_centre_threshold(src, calibrate_on)
+        keep["centre_threshold"] = cal["centre_threshold"]
+        keep["centre_threshold_calibration"] = cal
     train_config = TrainConfig(
         **{
             k: (tuple(v) if isinstance(v, list) else v)
@@ -436,6 +442,41 @@ def publish_model(src, dst, *, parent=None) -> Path:
         }
     )
     return save_model(loaded.net, dst, train_config=train_config, extra=keep)
+
+
+def calibrate_centre_threshold(
+    model_path, slides, thresholds=(0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
+) -> dict:
+    """The nucleus-centre probability above which a peak is a cell, chosen on `slides`.
+
+    Runs the real analysis (`histo.analyze_slide`, default settings) with the model on slides
+    with truth (its validation slides: never trained on, never used for benchmarks) and picks
+    the threshold of the highest pooled cell F1 (the lower one on a tie).
+
+    Returns
+    -------
+    dict
+        ``{"centre_threshold": t, "f1": {t: F1, ...}, "slides": [names]}``
+    """
+    from histo.config import AnalysisConfig
+    from histo.evaluate import evaluate_cells
+    from histo.pipeline import analyze_slide
+    from histo.synthetic import load_truth
+
+    runs = []
+    for path in slides:
+        result = analyze_slide(path, AnalysisConfig(model_path=str(model_path)))
+        runs.append((result.cells, load_truth(path).cells))
+    f1 = {}
+    for t in thresholds:
+        tp = n_pred = n_truth = 0
+        for cells, truth in runs:
+            e = evaluate_cells(cells[cells["centre_prob"] >= t], truth)
+            tp, n_pred, n_truth = tp + e["tp"], n_pred + e["n_pred"], n_truth + e["n_truth"]
+        p, r = tp / max(n_pred, 1), tp / max(n_truth, 1)
+        f1[t] = round(2 * p * r / (p + r), 4) if p + r else 0.0
+    best = max(thresholds, key=lambda t: (f1[t], -t))
+    return {"centre_threshold": best, "f1": f1, "slides": [Path(p).name for p in slides]}
 
 
 def golden_case() -> dict:
@@ -552,7 +593,7 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
 
     p = argparse.ArgumentParser(description="train the lungmets U-Net on synthetic slides")
     p.add_argument("--data", default="/tmp/lungmets_train")
-    p.add_argument("--out", default=str(Path(__file__).parent / "weights" / "lungmets_unet_v1.pt"))
+    p.add_argument("--out", default="lungmets_unet.pt")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--from-model", default=None, help="fine-tune this model")
     p.add_argument("--slides", type=int, default=TrainConfig.n_train_slides)

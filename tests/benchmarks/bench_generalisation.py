@@ -16,7 +16,8 @@ training), 1024 x 768 um each whatever the pixel size. Cells match within 5 um; 
 by centroid (6 um, half the radius for large foci) *and class* (strict F1 per class). The
 figure to read is the worst case of each column, printed last, not a pooled mean.
 Results are cached per case and detector in ``--data`` (keyed by the model's SHA-256 and the
-``histo`` code), so detectors can be added to the table later; ``--force`` recomputes.
+lungmets version), so detectors can be added to the table later; ``--force`` recomputes (after
+a change of the code).
 ``--write`` puts the table into BENCHMARKS.md between the ``bench_generalisation`` markers.
 """
 
@@ -74,9 +75,8 @@ def case_slides(data: Path, index: int, app: Appearance, px: float) -> list[Path
 
 
 def _detector_key(config: AnalysisConfig) -> str:
-    """What a cached result depends on: the method, the model's SHA-256, the lungmets code."""
-    import hashlib
-
+    """What a cached result depends on: the method, the model's SHA-256, the lungmets version
+    (after a change of the code, rerun with ``--force``)."""
     from histo._version import __version__
 
     key = config.method
@@ -84,10 +84,7 @@ def _detector_key(config: AnalysisConfig) -> str:
         from models import model_config
 
         key += "-" + model_config(config.model_path)["sha256"][:12]
-    code = hashlib.sha256()
-    for f in sorted((Path(__file__).parents[2] / "histo").glob("*.py")):
-        code.update(f.read_bytes())
-    return f"{key}-{__version__}-{code.hexdigest()[:8]}"
+    return f"{key}-{__version__}"
 
 
 def score(results_truths) -> dict:
