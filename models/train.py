@@ -450,8 +450,11 @@ def calibrate_centre_threshold(
     """The nucleus-centre probability above which a peak is a cell, chosen on `slides`.
 
     Runs the real analysis (`histo.analyze_slide`, default settings) with the model on slides
-    with truth (its validation slides: never trained on, never used for benchmarks) and picks
-    the threshold of the highest pooled cell F1 (the lower one on a tie).
+    with truth (validation slides: never trained on, never used for benchmarks) and picks the
+    threshold of the highest cell F1, averaged over the slides (each slide weighs the same,
+    so a few slides crowded with cells do not decide; the lower threshold on a tie).
+    `model_path` must be a model without a ``centre_threshold`` of its own (a training run's
+    output), or the thresholds below it cannot be seen.
 
     Returns
     -------
@@ -462,19 +465,20 @@ def calibrate_centre_threshold(
     from histo.evaluate import evaluate_cells
     from histo.pipeline import analyze_slide
     from histo.synthetic import load_truth
+    from models import model_config
 
+    if model_config(model_path).get("centre_threshold", 0.0) > min(thresholds):
+        raise ValueError(f"{model_path} already has a centre_threshold; calibrate its source")
     runs = []
     for path in slides:
         result = analyze_slide(path, AnalysisConfig(model_path=str(model_path)))
         runs.append((result.cells, load_truth(path).cells))
     f1 = {}
     for t in thresholds:
-        tp = n_pred = n_truth = 0
-        for cells, truth in runs:
-            e = evaluate_cells(cells[cells["centre_prob"] >= t], truth)
-            tp, n_pred, n_truth = tp + e["tp"], n_pred + e["n_pred"], n_truth + e["n_truth"]
-        p, r = tp / max(n_pred, 1), tp / max(n_truth, 1)
-        f1[t] = round(2 * p * r / (p + r), 4) if p + r else 0.0
+        per_slide = [
+            evaluate_cells(cells[cells["centre_prob"] >= t], truth)["f1"] for cells, truth in runs
+        ]
+        f1[t] = round(float(np.mean(per_slide)), 4)
     best = max(thresholds, key=lambda t: (f1[t], -t))
     return {"centre_threshold": best, "f1": f1, "slides": [Path(p).name for p in slides]}
 

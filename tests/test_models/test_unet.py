@@ -229,7 +229,7 @@ def test_a_tiny_training_run_lowers_the_loss(tmp_path):
     x = torch.from_numpy(np.stack([b[0] for b in fixed]))
     y = torch.from_numpy(np.stack([b[1] for b in fixed]))
     hk = torch.tensor([float(b[2]) for b in fixed])
-    cfg = TrainConfig(steps=40, batch_size=4, base=8, depth=2, lr=3e-3)
+    cfg = TrainConfig(steps=80, batch_size=4, base=8, depth=2, lr=3e-3)
     torch.manual_seed(0)
     before = UNet(base=8, depth=2).eval()
     with torch.no_grad():
