@@ -114,6 +114,11 @@ class Appearance:
     def is_default(self) -> bool:
         return self == Appearance()
 
+    def changes(self) -> list[str]:
+        """``name=value`` of every field that differs from the default style."""
+        default = Appearance().to_dict()
+        return [f"{k}={v}" for k, v in self.to_dict().items() if v != default[k]]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cell_diameter_um"] = list(self.cell_diameter_um)

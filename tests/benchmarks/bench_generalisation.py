@@ -47,8 +47,7 @@ FIELD_UM = (1024, 768)
 
 def case_name(family: str, app: Appearance, px: float) -> str:
     """A short label: the family and the fields that differ from the default style."""
-    default = Appearance().to_dict()
-    parts = [f"{k}={v}" for k, v in app.to_dict().items() if v != default[k]]
+    parts = app.changes()
     if px != 0.5:
         parts.append(f"{px} um/px")
     return f"{family}: " + (", ".join(parts) if parts else "default")

@@ -38,9 +38,7 @@ CASES = [("default", Appearance(), 0.5), *held_out_cases()]
 
 def _name(case) -> str:
     family, app, px = case
-    default = Appearance().to_dict()
-    diff = [f"{k}={v}" for k, v in app.to_dict().items() if v != default[k]]
-    return "-".join([family, *diff, f"{px}um"]).replace(" ", "")
+    return "-".join([family, *app.changes(), f"{px}um"]).replace(" ", "")
 
 
 @pytest.fixture(scope="module")
