@@ -198,17 +198,15 @@ def stain_levels(
     # in walls, interstitium and airspace, and a positive cell only raises that ratio. The
     # lowest population of the ratio is therefore the autofluorescence's own, and times the
     # DAPI channel's level it gives the marker's reference where the median is far above it.
-    spectral = [None] * c
     for i in range(c):
         both = lit[i] & lit[dapi]
         if i == dapi or both.sum() < 200:
             continue
         v_i = np.maximum(pix[i][not_nuclear][both], floors[i])
         v_d = np.maximum(pix[dapi][not_nuclear][both], floors[dapi])
-        ratio = np.exp(_lowest_mode(np.log(v_i / v_d)))
-        spectral[i] = ratio * af[dapi]
-        if af[i] > SPECTRAL_GUARD * spectral[i]:
-            af[i] = max(spectral[i], floors[i])
+        spectral = np.exp(_lowest_mode(np.log(v_i / v_d))) * af[dapi]
+        if af[i] > SPECTRAL_GUARD * spectral:
+            af[i] = max(float(spectral), floors[i])
     nuc = [float(np.percentile(pix[i], 99.0)) for i in range(c)]
     return StainLevels(
         offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)
