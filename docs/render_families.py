@@ -1,6 +1,6 @@
 """Render docs/images/appearance_families.png: one lesion drawn in each appearance family.
 
-    python3 docs/render_families.py
+python3 docs/render_families.py
 """
 
 from __future__ import annotations

@@ -74,25 +74,31 @@ def run_key(
     """The identity of an analysis: SHA-256 over everything that changes its results.
 
     The input's checksum, the analysis parameters (except `EXECUTION_ONLY` ones), the
-    channel mapping and pixel-size override, the model's SHA-256 and the lungmets version.
+    channel mapping and pixel-size override, the model's SHA-256 and operating point (the
+    settings in its JSON that change what it finds: `models.OPERATING_POINT`) and the lungmets
+    version.
     """
     from ._version import __version__
 
     params = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_ONLY}
     model = None
     if config.method == "unet":
-        from models import model_config
+        from models import model_identity
 
-        model = model_config(config.model_path).get("sha256")
+        model = model_identity(config.model_path)
     ident = {
         "input_sha256": checksum,
         "parameters": params,
-        "channels": channels if channels is None or isinstance(channels, str) else list(channels),
+        "channels": _jsonable_channels(channels),
         "pixel_size_um": pixel_size_um,
         "model_sha256": model,
         "lungmets": __version__,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _jsonable_channels(channels):
+    return channels if channels is None or isinstance(channels, str) else list(channels)
 
 
 def finished_outcome(folder: Path, key: str) -> SlideOutcome | None:
@@ -179,6 +185,12 @@ def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False
                 break
             emit(BatchEvent("chunks", i, 0, done=done_n, total=total, slide=name))
         result.summary["run_key"] = key
+        # What else the key was made of, so that `lungmets rethreshold` can renew it.
+        result.summary["run_key_inputs"] = {
+            "parameters": (config or AnalysisConfig()).to_dict(),
+            "channels": _jsonable_channels(kwargs.get("channels")),
+            "pixel_size_um": kwargs.get("pixel_size_um"),
+        }
         folder = write_results(result, out_dir)
         if labels_zarr:
             from .exports import write_lesion_labels

@@ -107,7 +107,13 @@ def _range(text: str) -> tuple[float, float]:
 
 def _add_appearance_options(parser: argparse.ArgumentParser) -> None:
     """How a synthetic slide looks: the generator's appearance families (`Appearance`)."""
-    from histo.synthetic._appearance import DTYPES, HER2_PATTERNS, LAYOUTS, Appearance
+    from histo.synthetic._appearance import (
+        DTYPES,
+        HER2_PATTERNS,
+        KI67_PATTERNS,
+        LAYOUTS,
+        Appearance,
+    )
 
     d = Appearance()
     g = parser.add_argument_group(
@@ -145,6 +151,19 @@ def _add_appearance_options(parser: argparse.ArgumentParser) -> None:
         default=d.ki67_dapi,
         metavar="F",
         help="DAPI of Ki67+ cancer nuclei is multiplied by F (0.3: Ki67 masks DAPI)",
+    )
+    g.add_argument(
+        "--ki67-pattern",
+        choices=KI67_PATTERNS,
+        default=d.ki67_pattern,
+        help="Ki67 in positive cancer nuclei (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ki67-background",
+        type=_non_negative_float,
+        default=d.ki67_background,
+        metavar="F",
+        help="non-specific Ki67 in negative nuclei, as a fraction of the positive level (0-0.3)",
     )
     g.add_argument(
         "--autofluorescence",
@@ -189,6 +208,8 @@ def _appearance(args: argparse.Namespace):
             cell_diameter_um=args.cell_diameter_um,
             packing=args.packing,
             ki67_dapi=args.ki67_dapi,
+            ki67_pattern=args.ki67_pattern,
+            ki67_background=args.ki67_background,
             autofluorescence=args.autofluorescence,
             af_unevenness=args.af_unevenness,
             bleed_through=args.bleed_through,
@@ -300,6 +321,8 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             device=args.device,
             screen=args.screen,
             model_path=None if args.model is None else str(args.model),
+            ki67_threshold=args.ki67_threshold,
+            her2_threshold=args.her2_threshold,
         )
     except ValueError as exc:
         raise InputError(f"bad analysis settings: {exc}") from None
@@ -407,6 +430,36 @@ def _run_analysis(args: argparse.Namespace) -> int:
     finally:
         close()
     return _print_outcomes(outcomes, args.out)
+
+
+def _run_rethreshold(args: argparse.Namespace) -> int:
+    from histo.rethreshold import rethreshold
+
+    folders = []
+    for r in args.results:
+        if (r / "summary.json").is_file():
+            folders.append(r)
+        elif r.is_dir():
+            folders += sorted(p.parent for p in r.glob("*/summary.json"))
+        if not r.exists():
+            raise InputError(f"{r}: no such folder; give the --out folder of 'lungmets run'")
+    if not folders:
+        raise InputError(
+            "no results found: give the --out folder of 'lungmets run' or slide result folders"
+        )
+    failed = 0
+    print(f"{'slide':<32} {'Ki67 threshold':>14} {'Ki67+ cells':>11} {'dormant':>7}")
+    for f in folders:
+        try:
+            s = rethreshold(f, args.ki67_threshold)
+        except InputError as exc:
+            failed += 1
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            continue
+        t = s["markers"]["Ki67"]["threshold"]
+        c = s["counts"]
+        print(f"{f.name[:32]:<32} {t:>14.1f} {c['ki67_pos_cells']:>11} {c['dormant']:>7}")
+    return 1 if failed else 0
 
 
 def _run_cohort(args: argparse.Namespace) -> int:
@@ -593,6 +646,26 @@ def _add_study_options(
     )
 
 
+def _threshold(words: tuple[str, ...]):
+    """argparse type: a non-negative number of counts, or one of `words`."""
+
+    def parse(text: str):
+        t = text.strip().lower()
+        if t in words:
+            return t
+        try:
+            v = float(t)
+        except ValueError:
+            v = -1.0
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of counts >= 0 or one of {', '.join(words)}, got {text!r}"
+            )
+        return v
+
+    return parse
+
+
 def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
     """Options of the analysis (detector, device, chunks); with `workers`, also where it runs
     and how the slide is read."""
@@ -621,6 +694,23 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the network only where HER2 is above autofluorescence (default: on)",
+    )
+    parser.add_argument(
+        "--ki67-threshold",
+        type=_threshold(("auto", "detector")),
+        default=_DEFAULTS.ki67_threshold,
+        metavar="COUNTS|auto|detector",
+        help="mean nuclear Ki67 above the offset from which a cell is Ki67+; auto: calibrated "
+        "on each slide's own nuclei; detector: the detector's own call (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--her2-threshold",
+        type=_threshold(("auto", "off")),
+        default=_DEFAULTS.her2_threshold,
+        metavar="COUNTS|auto|off",
+        help="mean HER2 of a detected cell above the offset below which it is not counted; "
+        "auto: calibrated on each slide's ordinary cells; off: every detected cell counts "
+        "(default: %(default)s; the calibrated value is reported in summary.json)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -767,6 +857,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples of the fold-change interval (default: %(default)s)",
     )
     cohort_cmd.set_defaults(handler=_run_cohort)
+
+    rethr = commands.add_parser(
+        "rethreshold",
+        help="apply another Ki67 threshold to finished results, without the slides",
+        description=(
+            "Re-derive Ki67 calls, the lesions' Ki67 counts, dormancy and summary.json of "
+            "finished results from the intensities stored in cells.csv, as a fresh 'lungmets "
+            "run --ki67-threshold' would write them, in seconds. The threshold is recorded in "
+            "the parameters and the run key."
+        ),
+    )
+    rethr.add_argument(
+        "results",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="the --out folder of 'lungmets run', or single slides' result folders",
+    )
+    rethr.add_argument(
+        "--ki67-threshold",
+        type=_threshold(("auto",)),
+        required=True,
+        metavar="COUNTS|auto",
+        help="mean nuclear Ki67 above the offset from which a cell is Ki67+; auto: each "
+        "slide's calibrated threshold (stored by the run)",
+    )
+    rethr.set_defaults(handler=_run_rethreshold)
 
     demo = commands.add_parser(
         "demo",

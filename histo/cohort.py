@@ -294,6 +294,13 @@ def load_sections(
             v = counts.get(k)
             row[k] = np.nan if v is None else float(v)
         row["tissue_area_mm2"] = float(summary.get("tissue_area_mm2", np.nan))
+        ki67 = (summary.get("markers") or {}).get("Ki67") or {}
+        thr = ki67.get("threshold") if ki67.get("applied", True) else None
+        method = (ki67.get("method") if ki67.get("applied", True) else "detector") if ki67 else None
+        if session.reviewed_ki67_threshold is not None:  # set in review (Markers widget)
+            thr, method = session.reviewed_ki67_threshold, "user"
+        row["ki67_threshold"] = np.nan if thr is None else float(thr)
+        row["ki67_threshold_method"] = method
         row.update(_provenance_columns(summary))
         row["results"] = str(folder)
         rows.append(row)
@@ -315,6 +322,7 @@ def load_sections(
             f"left out: {', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}"
         )
     sections = pd.DataFrame(rows)
+    warnings += threshold_warnings(sections)
     for col, what in (
         ("method", "detectors"),
         ("model_sha256", "models"),
@@ -328,6 +336,58 @@ def load_sections(
                 "before comparing groups"
             )
     return sections, warnings
+
+
+#: Slides whose Ki67 threshold is further than this factor from the median of the others are
+#: listed.
+THRESHOLD_SPREAD = 2.0
+
+
+def threshold_warnings(sections: pd.DataFrame) -> list[str]:
+    """Warnings where the slides of one study were called with very different Ki67 thresholds
+    (more than `THRESHOLD_SPREAD` x from the median of the other slides) or in different ways
+    (calibrated, the user's, the detector's)."""
+    out = []
+    if "ki67_threshold" not in sections or not len(sections):
+        return out
+    t = sections["ki67_threshold"].astype(float)
+    ok = (t.notna() & (t > 0)).to_numpy()
+    if ok.sum() >= 2:
+        v = t.to_numpy()
+        # Each slide against the median of the others (with two slides: against each other).
+        far = [
+            i
+            for i in np.flatnonzero(ok)
+            if not (
+                1 / THRESHOLD_SPREAD
+                <= v[i] / np.median(v[ok & (np.arange(len(v)) != i)])
+                <= THRESHOLD_SPREAD
+            )
+        ]
+        if far:
+            rows = sections.iloc[far]
+            listed = ", ".join(
+                f"{r.slide} ({r.ki67_threshold:.0f}, {r.ki67_threshold_method})"
+                for r in rows.itertuples()
+            )
+            out.append(
+                f"Ki67 was called with very different thresholds: {len(far)} slide(s) more "
+                f"than {THRESHOLD_SPREAD:g}x from the median of the other slides "
+                f"({float(np.median(v[ok])):.0f} counts over the study): {listed}. Look at "
+                "them in napari's Markers widget, or give the study one threshold with "
+                "'lungmets rethreshold RESULTS --ki67-threshold COUNTS'"
+            )
+    methods = sorted({str(m) for m in sections["ki67_threshold_method"].dropna()})
+    kinds = {
+        "user" if m == "user" else ("detector" if m == "detector" else "auto") for m in methods
+    }
+    if len(kinds) > 1:
+        out.append(
+            "Ki67 was called in different ways across the study ("
+            + ", ".join(sorted(kinds))
+            + "); set one with 'lungmets rethreshold RESULTS --ki67-threshold auto|COUNTS'"
+        )
+    return out
 
 
 def parameters_sha256(parameters: dict) -> str:

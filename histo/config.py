@@ -77,8 +77,16 @@ class AnalysisConfig:
         Cells whose ring is bright in Ki67 (or, without Ki67, in DAPI) by more than this multiple
         of that channel's autofluorescence are autofluorescent (macrophages), not HER2+.
     ki67_min_ratio : float
-        A nucleus is Ki67+ when its mean Ki67 is at least this multiple of the Ki67
-        autofluorescence.
+        Within a chunk, before the slide's threshold is known: a nucleus is Ki67+ when its mean
+        Ki67 is at least this multiple of the Ki67 autofluorescence (classical detector).
+    ki67_threshold : float, "auto" or "detector"
+        Mean nuclear Ki67 above the offset (counts) from which a cell is Ki67+; ``"auto"``
+        (default): calibrated on the slide's own nuclei (`histo.markers`); ``"detector"``: the
+        detector's own calls (the network's Ki67 output; the calibrated value is reported).
+    her2_threshold : float, "auto" or "off"
+        Mean HER2 over a detected cell above the offset (counts) below which it is not
+        counted; ``"auto"``: calibrated on the slide's ordinary cells (`histo.markers`);
+        ``"off"`` (default): the detector's calls stand (the calibrated value is reported).
     """
 
     method: str = "unet"
@@ -108,6 +116,8 @@ class AnalysisConfig:
     her2_min_coverage: float = 0.7
     autofluorescence_max_ratio: float = 3.0
     ki67_min_ratio: float = 4.0
+    ki67_threshold: float | str = "auto"
+    her2_threshold: float | str = "off"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -118,6 +128,18 @@ class AnalysisConfig:
             raise ValueError(f"halo_px must be >= 0, got {self.halo_px}")
         if not 1 < self.cluster_min_cells < self.focus_min_cells:
             raise ValueError("need 1 < cluster_min_cells < focus_min_cells")
+        for name, words in (
+            ("ki67_threshold", ("auto", "detector")),
+            ("her2_threshold", ("auto", "off")),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                if v not in words:
+                    raise ValueError(f"{name} must be a number or one of {words}, got {v!r}")
+            elif not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"{name} must be a number >= 0 or one of {words}, got {v!r}")
+            else:
+                object.__setattr__(self, name, float(v))
 
     def to_dict(self) -> dict:
         """Plain dict (for summary.json)."""

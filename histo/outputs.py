@@ -83,10 +83,17 @@ def write_results(result, out_dir: str | os.PathLike) -> Path:
     complete. Other files in the folder (a user's corrections) are left alone. Returns the
     folder.
     """
-    from .exports import write_geojson
     from .io import slide_name
 
-    folder = Path(out_dir) / slide_name(result.slide_path)
+    return write_result_folder(result, Path(out_dir) / slide_name(result.slide_path))
+
+
+def write_result_folder(result, folder: str | os.PathLike) -> Path:
+    """Write an `AnalysisResult`'s tables and summary into `folder` itself (see
+    `write_results`; summary.json last)."""
+    from .exports import write_geojson
+
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = folder / "summary.json"
     if summary.exists():  # the old summary must not vouch for half-rewritten tables

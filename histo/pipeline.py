@@ -29,6 +29,7 @@ from .chunks import Chunk, plan_chunks
 from .config import AnalysisConfig
 from .errors import InputError
 from .lesions import group_lesions
+from .markers import apply_thresholds
 from .tissue import StainLevels, glass_level, stain_levels, tissue_mask, tissue_windows
 
 log = logging.getLogger(__name__)
@@ -195,18 +196,7 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
             "is the right file and that --channels names the DAPI and HER2 channels"
         )
     # Stain levels from windows of tissue at about 1 um/px.
-    fine = slide.level_for_pixel_size(1.0)
-    fds = slide.downsamples[fine]
-    fy, fx = slide.levels[fine].shape[1:]
-    half = 64
-    windows = []
-    for cy, cx in tissue_windows(mask):
-        y = int((cy + 0.5) * ds / fds)
-        x = int((cx + 0.5) * ds / fds)
-        y0, x0 = max(0, min(y - half, fy - 2 * half)), max(0, min(x - half, fx - 2 * half))
-        windows.append(
-            slide.read_region(fine, y0, min(fy, y0 + 2 * half), x0, min(fx, x0 + 2 * half))
-        )
+    fine, fds, windows = _stain_windows(slide, mask, ds)
     unit = None
     if not np.issubdtype(low.dtype, np.integer):
         # Float data: about half the glass noise of the windows' level plays a camera count
@@ -215,6 +205,127 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
         unit = noise_low * (ds / fds) / 2.5
     stain = stain_levels(windows, offset, slide.roles["DAPI"], unit=unit)
     return mask, mask_px, stain
+
+
+def _stain_windows(slide, mask: np.ndarray, mask_downsample: float, n: int = 24):
+    """``(level, downsample, windows)``: `n` windows of 128 x 128 px of tissue (spread over
+    `mask`) from the level nearest 1 um/px."""
+    fine = slide.level_for_pixel_size(1.0)
+    fds = slide.downsamples[fine]
+    fy, fx = slide.levels[fine].shape[1:]
+    half = 64
+    windows = []
+    for cy, cx in tissue_windows(mask, n=n):
+        y = int((cy + 0.5) * mask_downsample / fds)
+        x = int((cx + 0.5) * mask_downsample / fds)
+        y0, x0 = max(0, min(y - half, fy - 2 * half)), max(0, min(x - half, fx - 2 * half))
+        windows.append(
+            slide.read_region(fine, y0, min(fy, y0 + 2 * half), x0, min(fx, x0 + 2 * half))
+        )
+    return fine, fds, windows
+
+
+def marker_thresholds(
+    slide,
+    mask: np.ndarray,
+    mask_pixel_size_um: float,
+    stain: StainLevels,
+    config: AnalysisConfig,
+    cells: pd.DataFrame,
+) -> dict:
+    """Each per-cell marker's positivity threshold: the user's, or calibrated on the slide's
+    own nuclei (`histo.markers.calibrate_threshold`).
+
+    HER2 (applied only with ``her2_threshold`` "auto" or a number; with "off", the default,
+    it is reported): a detected cell counts when the mean HER2 of its body reaches the
+    threshold, `NEGATIVE_SDS` robust SDs above the bodies of the slide's ordinary cells (nuclei
+    of the tissue windows grown by 3 um). Ki67: the crossing of the negative and positive
+    populations of the nuclear Ki67 of the windows' nuclei and of the candidate cells, or of
+    the candidate cells alone where they show both.
+
+    Returns
+    -------
+    dict
+        Marker role -> `histo.markers.MarkerThreshold` (``"HER2"``, and ``"Ki67"`` when it
+        was imaged). Where the tissue holds too few nuclei to calibrate, the entry's method
+        says so and its threshold is None: the detector's own calls are kept.
+    """
+    from dataclasses import replace
+
+    from .markers import (
+        MarkerThreshold,
+        calibrate_threshold,
+        histogram,
+        nuclear_means,
+        user_threshold,
+    )
+
+    ds = mask_pixel_size_um / slide.pixel_size_um
+    fine, fds, windows = _stain_windows(slide, mask, ds, n=48)
+    d = slide.roles["DAPI"]
+    offset = np.asarray(stain.offset, np.float64)
+    px_um = slide.pixel_size_um * fds
+    integer = np.issubdtype(slide.levels[0].dtype, np.integer)
+    common = {
+        "nuclear_dapi": stain.nuclear[d],
+        "nucleus_fraction": config.nucleus_threshold,
+        "min_area_px": max(1, int(round(config.nucleus_min_area_um2 / px_um**2))),
+    }
+
+    def unit(i):
+        # Differences below a quarter of the channel's autofluorescence (and one count) are
+        # noise for a positivity call.
+        return max(0.25 * stain.autofluorescence[i], 1.0 if integer else 0.0)
+
+    def calibrated(role, values, **kw):
+        try:
+            return calibrate_threshold(values, role, unit=unit(slide.roles[role]), **kw)
+        except ValueError as exc:
+            log.warning(
+                "%s: %s threshold not calibrated (%s); the detector's calls are kept",
+                slide.path,
+                role,
+                exc,
+            )
+            return MarkerThreshold(
+                marker=role,
+                threshold=None,
+                method=f"detector's own calls ({exc})",
+                n_nuclei=int(len(values)),
+            )
+
+    out = {}
+    h = slide.roles["HER2"]
+    if not isinstance(config.her2_threshold, str):
+        out["HER2"] = user_threshold("HER2", config.her2_threshold)
+    else:
+        grow = max(1, int(round(3.0 / px_um)))
+        values = nuclear_means(windows, offset, d, h, grow_px=grow, **common)
+        out["HER2"] = calibrated("HER2", values, positives=False)
+        if config.her2_threshold == "off":
+            out["HER2"] = out["HER2"].not_applied()
+    if "Ki67" in slide.roles:
+        # Always calibrated (a second or less), so that a user's or the detector's choice can
+        # be compared with it and `lungmets rethreshold --ki67-threshold auto` can return to it.
+        values = nuclear_means(windows, offset, d, slide.roles["Ki67"], **common)
+        own = cells["ki67_mean"].to_numpy(np.float64) if len(cells) else np.zeros(0)
+        own = own[np.isfinite(own)]
+        auto = calibrated("Ki67", np.r_[values, own], cells=own)
+        auto = replace(auto, histogram=histogram(values, own, unit=unit(slide.roles["Ki67"])))
+        if config.ki67_threshold == "detector":
+            out["Ki67"] = auto.not_applied()
+        elif not isinstance(config.ki67_threshold, str):
+            out["Ki67"] = user_threshold("Ki67", config.ki67_threshold, calibrated=auto)
+        else:
+            out["Ki67"] = auto
+    return out
+
+
+def _float_unit(values: np.ndarray) -> float:
+    """For float data: a small intensity below which differences do not matter."""
+    v = np.abs(np.asarray(values, np.float64))
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.percentile(v, 1)) if v.size else 1e-6
 
 
 def iter_analyze_slide(
@@ -285,6 +396,7 @@ def iter_analyze_slide(
         region_px=region_px,
     )
     n_all = len(plan_chunks(shape, config.chunk_size_px, config.halo_px, region_px=region_px))
+    mask_whole = mask
     if region_px is not None:
         mask = _mask_in_region(mask, mask_px / slide.pixel_size_um, region_px)
     yield (0, len(chunks), "chunks")
@@ -309,6 +421,8 @@ def iter_analyze_slide(
     found = [p for p in parts if len(p)]
     # Every chunk returns a table with the detector's columns, empty ones included.
     cells = pd.concat(found, ignore_index=True) if found else parts[0]
+    markers = marker_thresholds(slide, mask_whole, mask_px, stain, config, cells)
+    cells = apply_thresholds(cells, markers)
     cells, lesions = group_lesions(cells, config)
     extra = [c for c in cells.columns if c not in CELL_OUTPUT_COLUMNS]
     cells = cells[CELL_OUTPUT_COLUMNS + extra]
@@ -316,6 +430,7 @@ def iter_analyze_slide(
     summary = _summary(
         slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where, checksum
     )
+    summary["markers"] = {m: t.to_dict() for m, t in markers.items()}
     if region_px is not None:
         summary["input"]["region_px"] = [int(v) for v in region_px]
     summary["timings_s"] = {
@@ -424,6 +539,27 @@ def _run_distributed(args, chunks, config, stain, *, workers=None, address=None)
             cluster.close()
 
 
+def summary_counts(cells, lesions, has_ki67: bool, tissue_mm2: float) -> tuple[dict, dict]:
+    """The ``counts`` and ``densities_per_mm2`` of summary.json from the two tables."""
+    cls = lesions["class"].value_counts() if len(lesions) else pd.Series(dtype=int)
+    counts = {
+        "her2_cells": int(len(cells)),
+        "lesions": int(len(lesions)),
+        "single": int(cls.get("single", 0)),
+        "cluster": int(cls.get("cluster", 0)),
+        "focus": int(cls.get("focus", 0)),
+        "dormant": int(lesions["dormant"].astype(bool).sum())
+        if has_ki67 and len(lesions)
+        else (0 if has_ki67 else None),
+        "ki67_pos_cells": int(cells["ki67_pos"].astype(bool).sum()) if has_ki67 else None,
+    }
+    dens = {
+        k: (round(v / tissue_mm2, 4) if v is not None and tissue_mm2 > 0 else None)
+        for k, v in counts.items()
+    }
+    return counts, dens
+
+
 def _summary(
     slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, where, checksum=None
 ) -> dict:
@@ -432,23 +568,8 @@ def _summary(
     import skimage
     import tifffile
 
-    cls = lesions["class"].value_counts() if len(lesions) else pd.Series(dtype=int)
     has_ki67 = "Ki67" in slide.roles
-    counts = {
-        "her2_cells": int(len(cells)),
-        "lesions": int(len(lesions)),
-        "single": int(cls.get("single", 0)),
-        "cluster": int(cls.get("cluster", 0)),
-        "focus": int(cls.get("focus", 0)),
-        "dormant": int(lesions["dormant"].sum())
-        if has_ki67 and len(lesions)
-        else (0 if has_ki67 else None),
-        "ki67_pos_cells": int(cells["ki67_pos"].sum()) if has_ki67 else None,
-    }
-    dens = {
-        k: (round(v / tissue_mm2, 4) if v is not None and tissue_mm2 > 0 else None)
-        for k, v in counts.items()
-    }
+    counts, dens = summary_counts(cells, lesions, has_ki67, tissue_mm2)
     p = Path(slide.path)
     return {
         "slide": p.name,
@@ -499,6 +620,7 @@ def _model_info(config) -> dict | None:
         "path": str(config.model_path or DEFAULT_MODEL),
         "sha256": cfg.get("sha256"),
         "input_um_per_px": cfg.get("input_um_per_px"),
+        "centre_threshold": cfg.get("centre_threshold"),
         "device": config.device,
         "screen": config.screen,
     }

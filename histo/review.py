@@ -14,6 +14,10 @@ journal's entries carry the lesion's position and are then matched to the neares
 Review classes: ``dormant`` (single cell, Ki67−), ``single`` (single cell, Ki67+ or Ki67 not
 imaged), ``cluster``, ``focus``. Status: ``unreviewed``, ``accepted``, ``corrected``,
 ``rejected``.
+
+The slide's Ki67 threshold can be reviewed too (``set_ki67_threshold``, napari's Markers
+widget): the journal then records it, and every lesion's Ki67+ count and dormancy follow it,
+from the cells' stored ``ki67_mean``, except where a scientist set the lesion's class by hand.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class Correction:
     """One line of the journal."""
 
     seq: int
-    action: str  # set_class, reject, accept, undo
+    action: str  # set_class, reject, accept, set_ki67_threshold, undo
     lesion_id: int | None
     before: dict | None = None
     after: dict | None = None
@@ -109,6 +113,10 @@ class ReviewSession:
     _seq: int = field(init=False, default=0)
     _run_key: str | None = field(init=False, default=None)
     _has_ki67: bool | None = field(init=False, default=None)
+    _summary: dict = field(init=False, default_factory=dict, repr=False)
+    _cells: pd.DataFrame | None = field(init=False, default=None, repr=False)
+    _analysed: pd.DataFrame | None = field(init=False, default=None, repr=False)
+    _ki67_threshold: float | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.folder = Path(self.folder)
@@ -127,6 +135,9 @@ class ReviewSession:
             summary = json.loads((self.folder / "summary.json").read_text())
         except (OSError, ValueError):
             summary = {}
+        self._summary = summary
+        self._analysed = lesions[["lesion_id", "n_ki67_pos", "review_class"]].copy()
+        self._analysed.index = self.lesions.index
         self._run_key = summary.get("run_key")
         roles = summary.get("input", {}).get("roles")
         self._has_ki67 = None if roles is None else "Ki67" in roles
@@ -152,9 +163,16 @@ class ReviewSession:
             for k in range(len(self._history) - 1, -1, -1):
                 done, lid = self._history[k]
                 if done.seq == c.undoes:
-                    self._set(lid, done.before)
+                    if done.action == "set_ki67_threshold":
+                        self._apply_ki67((done.before or {}).get("ki67_threshold"))
+                    else:
+                        self._set(lid, done.before)
                     del self._history[k]
                     return
+            return
+        if c.action == "set_ki67_threshold":
+            self._apply_ki67((c.after or {}).get("ki67_threshold"))
+            self._history.append((c, None))
             return
         lid = self._locate(c)
         if lid is None:
@@ -177,18 +195,28 @@ class ReviewSession:
         if lesion_id not in self.lesions.index:
             raise KeyError(f"no lesion {lesion_id} in {self.folder}")
         row = self.lesions.loc[lesion_id]
+        return self._commit(
+            action,
+            int(lesion_id),
+            self._state(lesion_id),
+            after,
+            x_um=float(row["x_um"]),
+            y_um=float(row["y_um"]),
+        )
+
+    def _commit(self, action, lesion_id, before, after, **extra) -> Correction:
+        """Journal a new correction (synced to disk) and apply it."""
         self._seq += 1
         c = Correction(
             seq=self._seq,
             action=action,
-            lesion_id=int(lesion_id),
-            before=self._state(lesion_id),
+            lesion_id=lesion_id,
+            before=before,
             after=after,
-            x_um=float(row["x_um"]),
-            y_um=float(row["y_um"]),
             user=self.user,
             time_utc=datetime.now(UTC).isoformat(timespec="seconds"),
             run_key=self._run_key,
+            **extra,
         )
         append_journal(self.folder / JOURNAL, c)
         self._replay(c)
@@ -217,21 +245,102 @@ class ReviewSession:
         if not self._history:
             return None
         done, lid = self._history[-1]
-        self._seq += 1
-        c = Correction(
-            seq=self._seq,
-            action="undo",
-            lesion_id=int(lid),
-            before=self._state(lid),
-            after=dict(done.before),
-            user=self.user,
-            time_utc=datetime.now(UTC).isoformat(timespec="seconds"),
-            run_key=self._run_key,
+        return self._commit(
+            "undo",
+            None if lid is None else int(lid),
+            {"ki67_threshold": self._ki67_threshold} if lid is None else self._state(lid),
+            dict(done.before),
             undoes=done.seq,
         )
-        append_journal(self.folder / JOURNAL, c)
-        self._replay(c)
-        return c
+
+    # ----------------------------------------------------------------- Ki67 threshold
+
+    @property
+    def run_ki67(self) -> dict | None:
+        """The analysis' Ki67 threshold record (summary.json ``markers.Ki67``), or None."""
+        return (self._summary.get("markers") or {}).get("Ki67")
+
+    @property
+    def ki67_threshold(self) -> float | None:
+        """The Ki67 threshold in force (counts): the reviewed one, else the analysis' own
+        (None where the analysis kept the detector's calls or had no Ki67)."""
+        if self._ki67_threshold is not None:
+            return self._ki67_threshold
+        run = self.run_ki67 or {}
+        if run.get("applied", True) and run.get("threshold") is not None:
+            return float(run["threshold"])
+        cal = run.get("calibrated") or (run if run.get("threshold") is not None else {})
+        return None if cal.get("threshold") is None else float(cal["threshold"])
+
+    @property
+    def reviewed_ki67_threshold(self) -> float | None:
+        """The Ki67 threshold set in review (counts), or None where the analysis' stands."""
+        return self._ki67_threshold
+
+    def ki67_histogram(self) -> dict | None:
+        """The slide's Ki67 histogram stored by the analysis (``edges_log10``, ``nuclei``,
+        ``cells``), or None."""
+        run = self.run_ki67 or {}
+        return run.get("histogram") or (run.get("calibrated") or {}).get("histogram")
+
+    def _load_cells(self) -> pd.DataFrame:
+        if self._cells is None:
+            path = self.folder / "cells.csv"
+            if not path.is_file():
+                raise InputError(f"{self.folder}: no cells.csv; analyse the slide again")
+            cells = pd.read_csv(path)
+            if "ki67_mean" not in cells:
+                raise InputError(f"{path}: no Ki67 intensities (ki67_mean); no Ki67 to threshold")
+            self._cells = cells
+        return self._cells
+
+    def _ki67_state(self, threshold: float | None):
+        """(lesions, cells) as they would be with `threshold` (None: as analysed)."""
+        lesions = self.lesions.copy()
+        cells = self._load_cells().copy()
+        if threshold is None:
+            lesions["n_ki67_pos"] = self._analysed["n_ki67_pos"]
+            auto = self._analysed["review_class"]
+        else:
+            v = cells["ki67_mean"].to_numpy(np.float64)
+            cells["ki67_pos"] = v >= threshold
+            n_pos = cells.groupby("lesion_id")["ki67_pos"].sum()
+            lesions["n_ki67_pos"] = n_pos.reindex(lesions["lesion_id"]).fillna(0).astype(int).values
+            single = lesions["n_cells"] == 1
+            auto = self._analysed["review_class"].copy()
+            auto[single & (lesions["n_ki67_pos"] == 0)] = "dormant"
+            auto[single & (lesions["n_ki67_pos"] > 0)] = "single"
+        # A class a scientist set by hand stays; the others follow the threshold.
+        keep = lesions["status"] == "corrected"
+        lesions.loc[~keep, "review_class"] = auto[~keep]
+        return lesions, cells
+
+    def _apply_ki67(self, threshold: float | None) -> None:
+        lesions, _ = self._ki67_state(threshold)
+        self.lesions["n_ki67_pos"] = lesions["n_ki67_pos"]
+        self.lesions["review_class"] = lesions["review_class"]
+        self._ki67_threshold = None if threshold is None else float(threshold)
+
+    def preview_ki67_threshold(self, threshold: float | None):
+        """``(lesions, cells, counts)`` as they would be with `threshold`; nothing recorded."""
+        lesions, cells = self._ki67_state(threshold)
+        return lesions, cells, reviewed_counts(lesions, True)
+
+    def set_ki67_threshold(self, threshold: float | None) -> Correction:
+        """Record a Ki67 threshold for this slide (counts; None: back to the analysis' own).
+
+        Every lesion's Ki67+ count and dormancy follow it, except lesions whose class was set
+        by hand. Undone like any correction.
+        """
+        if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"a Ki67 threshold is a number of counts >= 0, got {threshold}")
+        self._load_cells()
+        return self._commit(
+            "set_ki67_threshold",
+            None,
+            {"ki67_threshold": self._ki67_threshold},
+            {"ki67_threshold": None if threshold is None else float(threshold)},
+        )
 
     # ----------------------------------------------------------------- queries
 
@@ -313,3 +422,31 @@ def read_journal(path: str | os.PathLike) -> list[Correction]:
         except (ValueError, TypeError):
             log.warning("%s: line %d is not a correction and was skipped", path, k)
     return out
+
+
+def set_study_ki67_threshold(
+    sheet_path: str | os.PathLike, results_dir: str | os.PathLike, threshold: float | None
+) -> list[Path]:
+    """Record one Ki67 threshold (counts; None: each slide's own) in the journal of every
+    slide of a sample sheet; returns the result folders written.
+
+    Raises
+    ------
+    InputError
+        Listing slides of the sheet without results (nothing is written then).
+    """
+    from .cohort import read_sample_sheet
+    from .io import slide_name
+
+    sheet = read_sample_sheet(sheet_path)
+    folders = [Path(results_dir) / slide_name(s) for s in sheet["slide"]]
+    missing = [str(f) for f in folders if not (f / "summary.json").is_file()]
+    if missing:
+        raise InputError(
+            f"{len(missing)} slide(s) of {sheet_path} have no results in {results_dir}: "
+            + ", ".join(missing[:5])
+            + "; run 'lungmets run --samples SHEET --out RESULTS' first"
+        )
+    for f in folders:
+        ReviewSession(f).set_ki67_threshold(threshold)
+    return folders

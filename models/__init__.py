@@ -66,6 +66,17 @@ def model_config(path: str | Path | None = None) -> dict:
     return cfg
 
 
+#: Settings in a model's JSON, beside its tensors, that change what an analysis finds with it
+#: (its operating point): part of every run's identity (`histo.batch.run_key`).
+OPERATING_POINT = ("centre_threshold", "input_um_per_px")
+
+
+def model_identity(path: str | Path | None = None) -> dict:
+    """The model's SHA-256 and operating point: what a cached result with it depends on."""
+    cfg = model_config(path)
+    return {"sha256": cfg.get("sha256"), **{k: cfg.get(k) for k in OPERATING_POINT}}
+
+
 def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedModel:
     """Load a model (default: the shipped one) onto a device, checking its SHA-256.
 

@@ -414,7 +414,8 @@ def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
     history, golden output, slides) with the new name and SHA-256, and, with `parent`, the
     SHA-256 of the model it was fine-tuned from. With `calibrate_on` (slides with truth), the
     nucleus-centre threshold is calibrated on them (`calibrate_centre_threshold`) and stored
-    as ``centre_threshold``, which `histo.network` then uses.
+    as ``centre_threshold``, which `histo.network` then uses. The golden output is computed
+    again with the code of the day.
     """
     import json
 
@@ -434,6 +435,11 @@ def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
         cal = calibrate_centre_threshold(src, calibrate_on)
         keep["centre_threshold"] = cal["centre_threshold"]
         keep["centre_threshold_calibration"] = cal
+    # What it computes with today's code (reference levels, resampling), for its test.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keep["golden"] = golden_output(loaded.net, tmp)
     train_config = TrainConfig(
         **{
             k: (tuple(v) if isinstance(v, list) else v)
@@ -451,15 +457,18 @@ def calibrate_centre_threshold(
 
     Runs the real analysis (`histo.analyze_slide`, default settings) with the model on slides
     with truth (validation slides: never trained on, never used for benchmarks) and picks the
-    threshold of the highest cell F1, averaged over the slides (each slide weighs the same,
-    so a few slides crowded with cells do not decide; the lower threshold on a tie).
+    threshold of the highest median cell F1 over the slides (each slide weighs the same, so
+    a few slides crowded with cells do not decide, and one slide on which something else
+    fails, such as its reference levels, does not set the operating point for all; the mean
+    breaks a tie, then the lower threshold).
     `model_path` must be a model without a ``centre_threshold`` of its own (a training run's
     output), or the thresholds below it cannot be seen.
 
     Returns
     -------
     dict
-        ``{"centre_threshold": t, "f1": {t: F1, ...}, "slides": [names]}``
+        ``{"centre_threshold": t, "f1": {t: median F1}, "f1_mean": {t: mean F1},
+        "f1_per_slide": {t: [F1 of each slide]}, "slides": [names]}``
     """
     from histo.config import AnalysisConfig
     from histo.evaluate import evaluate_cells
@@ -473,14 +482,22 @@ def calibrate_centre_threshold(
     for path in slides:
         result = analyze_slide(path, AnalysisConfig(model_path=str(model_path)))
         runs.append((result.cells, load_truth(path).cells))
-    f1 = {}
+    f1, mean, per = {}, {}, {}
     for t in thresholds:
         per_slide = [
             evaluate_cells(cells[cells["centre_prob"] >= t], truth)["f1"] for cells, truth in runs
         ]
-        f1[t] = round(float(np.mean(per_slide)), 4)
-    best = max(thresholds, key=lambda t: (f1[t], -t))
-    return {"centre_threshold": best, "f1": f1, "slides": [Path(p).name for p in slides]}
+        f1[t] = round(float(np.median(per_slide)), 4)
+        mean[t] = round(float(np.mean(per_slide)), 4)
+        per[t] = [round(float(v), 4) for v in per_slide]
+    best = max(thresholds, key=lambda t: (f1[t], mean[t], -t))
+    return {
+        "centre_threshold": best,
+        "f1": f1,
+        "f1_mean": mean,
+        "f1_per_slide": per,
+        "slides": [Path(p).name for p in slides],
+    }
 
 
 def golden_case() -> dict:

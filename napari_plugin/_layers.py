@@ -160,6 +160,8 @@ def result_layers(folder: str | Path) -> list[tuple]:
     px = float(summary["input"]["pixel_size_um"])
     session = ReviewSession(folder)
     cells = pd.read_csv(folder / "cells.csv")
+    if session.reviewed_ki67_threshold is not None:  # a threshold set in review
+        cells = session.preview_ki67_threshold(session.reviewed_ki67_threshold)[1]
     return [
         cells_layer(cells, folder=folder, pixel_size_um=px, name=folder.name),
         lesions_layer(session.lesions, folder=folder, pixel_size_um=px, name=folder.name),

@@ -29,6 +29,11 @@ HER2_PATTERNS = (
     "granular",  # punctate granules in the cytoplasm
     "weak_membrane",  # weak membrane with bright cytoplasm
 )
+KI67_PATTERNS = (
+    "default",  # granular fill of the nucleus
+    "diffuse",  # even fill of the nucleus
+    "speckled",  # a few bright foci, dark between them
+)
 DTYPES = ("uint16", "uint12", "uint8", "float32")
 LAYOUTS = ("alveolar", "stroma", "liver")
 
@@ -52,6 +57,11 @@ class Appearance:
         (1 = cells just touch, 0.7 = shared, flattened membranes).
     ki67_dapi : float
         DAPI of Ki67+ cancer nuclei is multiplied by this (0.3: Ki67 masks DAPI).
+    ki67_pattern : str
+        One of `KI67_PATTERNS` (Ki67+ cancer nuclei).
+    ki67_background : float
+        Non-specific Ki67 in every Ki67-negative nucleus (cancer and host), as a fraction of
+        the positive level (0-0.3; another simulator's negatives hold about 0.1).
     autofluorescence : float
         Tissue autofluorescence of every channel relative to the default (0.05-5); the cells'
         own brightness does not change with it.
@@ -75,6 +85,8 @@ class Appearance:
     cell_diameter_um: tuple[float, float] = (12.0, 18.0)
     packing: tuple[float, float] = (0.86, 1.0)
     ki67_dapi: float = 1.0
+    ki67_pattern: str = "default"
+    ki67_background: float = 0.0
     autofluorescence: float = 1.0
     af_unevenness: float = 0.0
     bleed_through: float = 0.0
@@ -86,6 +98,10 @@ class Appearance:
         if self.her2_pattern not in HER2_PATTERNS:
             raise ValueError(
                 f"her2_pattern must be one of {HER2_PATTERNS}, got {self.her2_pattern!r}"
+            )
+        if self.ki67_pattern not in KI67_PATTERNS:
+            raise ValueError(
+                f"ki67_pattern must be one of {KI67_PATTERNS}, got {self.ki67_pattern!r}"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -101,6 +117,7 @@ class Appearance:
         for name, lo_, hi_ in (
             ("nucleus_dapi", 0.05, 5.0),
             ("ki67_dapi", 0.05, 2.0),
+            ("ki67_background", 0.0, 0.5),
             ("autofluorescence", 0.01, 20.0),
             ("af_unevenness", 0.0, 2.0),
             ("bleed_through", 0.0, 1.0),

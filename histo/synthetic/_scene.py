@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from ._appearance import Appearance
@@ -625,7 +627,15 @@ def _render_lesion(
         nucleus_label[sy, sx][lab] = first_cell_id + i
         cell_label[sy, sx][lab] = first_cell_id + i  # the nucleus belongs to its own cell
         if ki67_pos[i]:
-            k = soft * (0.55 + 0.45 * speckle[sy, sx])
+            if app.ki67_pattern == "diffuse":
+                k = soft
+            elif app.ki67_pattern == "speckled":
+                k = soft * 1.6 * np.clip(speckle[sy, sx], 0.0, None) ** 1.5
+            else:
+                k = soft * (0.55 + 0.45 * speckle[sy, sx])
+            np.maximum(ki67_tex[sy, sx], k, out=ki67_tex[sy, sx])
+        elif app.ki67_background > 0:
+            k = soft * app.ki67_background
             np.maximum(ki67_tex[sy, sx], k, out=ki67_tex[sy, sx])
 
     # HER2: membrane-bright, cytoplasmic, weak over the nucleus, granular.
@@ -685,18 +695,21 @@ def _her2_pattern(app, membrane, cyto_tex, nucleus_soft, r_app, px_um):
 def _tumour_regions(rng, dshape, tissue, fraction, px_um, app):
     """Solid tumour covering `fraction` of the tissue: cells on a jittered hexagonal lattice.
 
-    Returns ``(lesions, region)``: one lesion per connected region of tumour (a few to
-    thousands of cells), each ``(centre_px (2,), cells tuple as `_grow_lesion`)``, and the
-    tumour's mask on the design grid (None when there is none).
+    Returns ``(lesions, region)``: the tumour's lesions, each ``(centre_px (2,), cells tuple as
+    `_grow_lesion`)``, and the tumour's mask on the design grid (None when there is none).
+    A lesion is what the analysis calls one (`histo.lesions`): the cells whose nuclei are
+    linked by steps shorter than the default ``link_distance_um``, so two patches of tumour a
+    few um apart are one lesion, as a scientist counting the slide would see them.
     """
+    from ..config import AnalysisConfig
+
     field = _coarse_field(rng, dshape, 8.0, 70.0)
     inner = ndi.binary_erosion(tissue > 0.98, iterations=3)
     if not inner.any():
         return [], None
     thr = np.quantile(field[inner], 1.0 - fraction)
     region = inner & (field > thr)
-    lab, n = ndi.label(region)
-    if n == 0:
+    if not region.any():
         return [], None
     d_lo, d_hi = app.cell_diameter_um
     p_lo, p_hi = app.packing
@@ -711,24 +724,28 @@ def _tumour_regions(rng, dshape, tissue, fraction, px_um, app):
     pts = np.concatenate(pts) + rng.normal(0, 0.08 * spacing, (sum(len(p) for p in pts), 2))
     iy = np.clip((pts[:, 0] / DESIGN_UM).astype(int), 0, hd - 1)
     ix = np.clip((pts[:, 1] / DESIGN_UM).astype(int), 0, wd - 1)
-    comp = lab[iy, ix]
+    c = pts[region[iy, ix]]
+    m = len(c)
+    if m == 0:
+        return [], region
+    r_cell = np.full(m, spacing / 2 / max(0.5 * (p_lo + p_hi), 0.5)) * rng.uniform(0.92, 1.08, m)
+    a_nuc = np.minimum(rng.uniform(4.5 * size, 6.0 * size, m), 0.42 * spacing)
+    b_nuc = a_nuc * rng.uniform(0.75, 1.0, m)
+    th = rng.uniform(0, math.pi, m)
+    phi = rng.uniform(0, 2 * math.pi, m)
+    off = rng.uniform(0, 0.08, m)[:, None] * spacing * np.c_[np.sin(phi), np.cos(phi)]
+    # Lesions: connected groups of nuclei closer than the analysis' linking distance.
+    nuclei = c + off
+    pairs = cKDTree(nuclei).query_pairs(AnalysisConfig().link_distance_um, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
+    comp = connected_components(graph, directed=False)[1]
     out = []
-    for k in range(1, n + 1):
-        c = pts[comp == k]
-        if len(c) == 0:
-            continue
-        m = len(c)
-        r_cell = np.full(m, spacing / 2 / max(0.5 * (p_lo + p_hi), 0.5)) * rng.uniform(
-            0.92, 1.08, m
-        )
-        a_nuc = np.minimum(rng.uniform(4.5 * size, 6.0 * size, m), 0.42 * spacing)
-        b_nuc = a_nuc * rng.uniform(0.75, 1.0, m)
-        th = rng.uniform(0, math.pi, m)
-        phi = rng.uniform(0, 2 * math.pi, m)
-        off = rng.uniform(0, 0.08, m)[:, None] * spacing * np.c_[np.sin(phi), np.cos(phi)]
-        centre_um = c.mean(axis=0)
-        rel = c - centre_um
-        out.append((centre_um / px_um, (rel, r_cell, rel + off, a_nuc, b_nuc, th)))
+    for k in np.unique(comp):
+        sel = comp == k
+        centre_um = c[sel].mean(axis=0)
+        rel = c[sel] - centre_um
+        cells = (rel, r_cell[sel], rel + off[sel], a_nuc[sel], b_nuc[sel], th[sel])
+        out.append((centre_um / px_um, cells))
     return out, region
 
 
@@ -857,6 +874,9 @@ def build_scene(spec: SlideSpec) -> Scene:
         amp[:, 2] = np.where(
             pos, stain.ki67_pos * r_obj.lognormal(0, 0.35, n), ki67 * r_obj.lognormal(0, 0.3, n)
         )
+        if app.ki67_background > 0 and kind is not None:  # non-specific nuclear background
+            bg = app.ki67_background * stain.ki67_pos * r_app.lognormal(0, 0.3, n)
+            amp[:, 2] = np.where(pos, amp[:, 2], amp[:, 2] + bg)
         obj_y.append(y), obj_x.append(x), obj_t.append(t), obj_amp.append(amp)
         obj_kind.append(np.full(n, -1 if kind is None else NUCLEUS_KINDS.index(kind)))
         obj_ki67.append(pos)
@@ -953,11 +973,13 @@ def build_scene(spec: SlideSpec) -> Scene:
     radii_um = [float(np.hypot(*g[0].T).max() + g[1].max()) for g in grown]
     inner = tissue > 0.98
     nests = []
+    tumour_gap_um = None
     if app.tumour_fraction > 0:
-        # Solid tumour first; the other lesions keep 30 um away from it.
+        # Solid tumour first; the other lesions keep 30 um (edge to edge) away from it.
         nests, region = _tumour_regions(r_app, dshape, tissue, app.tumour_fraction, px, app)
         if region is not None:
             inner = inner & ~ndi.binary_dilation(region, iterations=int(30 / DESIGN_UM) + 1)
+            tumour_gap_um = ndi.distance_transform_edt(~region) * DESIGN_UM
     candidates = np.flatnonzero(ndi.binary_erosion(inner, iterations=2).ravel())
     placed_c: list[np.ndarray] = []
     placed_r: list[float] = []
@@ -980,6 +1002,11 @@ def build_scene(spec: SlideSpec) -> Scene:
                 continue
             cyd, cxd = int(c[0] / factor), int(c[1] / factor)
             if not inner[min(cyd, dshape[0] - 1), min(cxd, dshape[1] - 1)]:
+                continue
+            if (
+                tumour_gap_um is not None
+                and tumour_gap_um[min(cyd, dshape[0] - 1), min(cxd, dshape[1] - 1)] < rad + 30.0
+            ):
                 continue
             if placed_c:
                 dd = np.hypot(*(np.array(placed_c) - c).T) * px

@@ -8,7 +8,8 @@ Run on demand (never in CI)::
 The shipped network (v2) is itself the leave-family-out model: it was trained with every
 family held out, entirely (HER2 pattern, dynamic range, tissue layout) or beyond a middle range
 (the others); its recipe is in models/weights/MODEL_CARD.md. Any other model can be scored the
-same way (``--models NAME=PATH``; ``lungmets train ... --exclude-families ...`` makes one).
+same way (``--models NAME=PATH``; ``lungmets train ... --exclude-families ...`` makes one;
+``NAME=PATH:her2=auto`` runs it with ``--her2-threshold auto``).
 
 Every held-out case of `histo.synthetic._appearance.FAMILIES` (and the default style, for
 reference) is drawn on two infected sections (IAV 15 and 28 dpi, seeds 91000+, never used in
@@ -80,9 +81,16 @@ def _detector_key(config: AnalysisConfig) -> str:
 
     key = config.method
     if config.method == "unet":
-        from models import model_config
+        import hashlib
 
-        key += "-" + model_config(config.model_path)["sha256"][:12]
+        from models import model_identity
+
+        ident = model_identity(config.model_path)
+        # The tensors' SHA-256 and the operating point in the JSON beside them.
+        key += "-" + ident["sha256"][:12]
+        key += "-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    if config.her2_threshold != "off":
+        key += f"-her2{config.her2_threshold}"
     return f"{key}-{__version__}"
 
 
@@ -130,7 +138,10 @@ def main() -> None:
     detectors = {}
     for item in filter(None, args.models.split(",")):
         name, path = item.split("=", 1)
-        detectors[name] = AnalysisConfig(model_path=None if path == "default" else path)
+        path, _, her2 = path.partition(":her2=")
+        detectors[name] = AnalysisConfig(
+            model_path=None if path == "default" else path, her2_threshold=her2 or "off"
+        )
     for m in filter(None, args.methods.split(",")):
         detectors[m] = AnalysisConfig(method=m)
 

@@ -95,6 +95,29 @@ def test_tumour_fraction_covers_that_share_of_the_tissue(tmp_path):
     assert s.lesions["n_cells"].max() > 300  # solid tumour, not scattered foci
 
 
+def test_tumour_lesions_are_what_the_linking_rule_calls_one_lesion(tmp_path):
+    """Two patches of tumour a few um apart are one lesion in the truth too, and every other
+    lesion keeps its distance: the truth's lesions are the linking rule's groups of its cells."""
+    from histo.lesions import link_cells
+
+    # (a section where the earlier generator drew 13 lesions that the rule sees as 11)
+    s = generate_slide(
+        tmp_path / "dense.ome.tif",
+        size_px=(2048, 1536),
+        group="IAV",
+        dpi=15,
+        seed=91027,
+        appearance=Appearance(tumour_fraction=0.85),
+        labels=False,
+    )
+    linked = link_cells(s.cells, AnalysisConfig().link_distance_um)
+    truth = s.cells["lesion_id"].to_numpy()
+    # Same partition: each linked group is exactly one true lesion and vice versa.
+    pairs = set(zip(linked.tolist(), truth.tolist(), strict=True))
+    assert len(pairs) == len(set(linked.tolist())) == len(set(truth.tolist()))
+    assert len(s.lesions) >= 3
+
+
 def test_dynamic_range_families_write_their_dtype(tmp_path):
     u8 = _slide(tmp_path, "u8", dtype="uint8")
     u12 = _slide(tmp_path, "u12", dtype="uint12")
@@ -177,10 +200,31 @@ def test_autofluorescence_reference_comes_from_negative_tissue(tmp_path, app):
     truth = meta["autofluorescence"]["HER2"] * meta["gain"]["HER2"]
     truth *= scale.get(app.get("dtype"), 1.0)
     # Walls are drawn at the autofluorescence times their texture and the scanner's
-    # illumination (0.8-1.1): the measured level lies within 25% of the drawn one, or within
+    # illumination (0.8-1.1), and the walls found in DAPI include their dim edges: the
+    # measured level lies within 35% of the drawn one (measured: 0.76-0.8 of it), or within
     # 60% where HER2+ tumour covers most of the tissue (there the tissue's median is 9x it).
-    tolerance = 1.6 if app.get("tumour_fraction") else 1.25
+    tolerance = 1.6 if app.get("tumour_fraction") else 1.35
     assert truth / tolerance < stain.autofluorescence[1] < truth * tolerance
+
+
+def test_reference_levels_hold_where_airspace_holds_a_faint_haze(tmp_path):
+    """A default-style section whose airspace is a fifth clipped at the offset and half a faint
+    HER2 haze (15 counts) below walls of 200: an Otsu split of HER2 alone fell between the
+    clipped pixels and the haze (reference 18 counts, 12x too low; the network then called
+    immune nuclei HER2+). The walls are found in DAPI and are the same pixels in HER2."""
+    s = generate_slide(
+        tmp_path / "haze.ome.tif",
+        size_px=(2048, 1536),
+        group="IAV",
+        dpi=15,
+        seed=70001,
+        labels=False,
+    )
+    _, _, stain = measure_background(open_slide(s.path), AnalysisConfig())
+    meta = s.meta["stain"]
+    for i, name in enumerate(("DAPI", "HER2", "Ki67")):
+        truth = meta["autofluorescence"][name] * meta["gain"][name]
+        assert truth / 1.35 < stain.autofluorescence[i] < truth * 1.35, (name, stain)
 
 
 def _nucleus_dapi(s) -> float:

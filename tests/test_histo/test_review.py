@@ -104,3 +104,66 @@ def test_cohort_uses_reviewed_counts(folder, tmp_path):
     assert reviewed.sections["reviewed_corrections"].iloc[0] == 1
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["counts"]["focus"] == raw["focus"]  # the analysis' own files are untouched
+
+
+def test_a_reviewed_ki67_threshold_is_journaled_replayed_and_undone(folder):
+    from histo.markers import apply_threshold, user_threshold
+
+    s = ReviewSession(folder, user="alice")
+    run_threshold = s.ki67_threshold
+    assert run_threshold is not None and s.reviewed_ki67_threshold is None
+    raw = s.counts()
+    cells = pd.read_csv(folder / "cells.csv")
+    high = float(cells["ki67_mean"].quantile(0.9))  # most cells Ki67- from here
+    singles = s.lesions.index[s.lesions["n_cells"] == 1]
+    hand = singles[0]
+    s.set_class(hand, "single")  # a class set by hand stays whatever the threshold
+    s.set_ki67_threshold(high)
+    expected = apply_threshold(cells, user_threshold("Ki67", high))
+    assert s.counts()["ki67_pos_cells"] == int(expected["ki67_pos"].sum())
+    n_pos = expected.groupby("lesion_id")["ki67_pos"].sum()
+    dormant = [lid for lid in singles if n_pos.get(lid, 0) == 0 and lid != hand]
+    assert sorted(s.lesions.index[s.lesions["review_class"] == "dormant"]) == sorted(dormant)
+    assert s.lesions.loc[hand, "review_class"] == "single"
+    # The journal holds it; a new session replays it.
+    line = read_journal(folder / JOURNAL)[-1]
+    assert line.action == "set_ki67_threshold" and line.after == {"ki67_threshold": high}
+    again = ReviewSession(folder)
+    assert again.reviewed_ki67_threshold == high and again.counts() == s.counts()
+    # The preview changes nothing; undo returns to the analysis' threshold.
+    before = s.counts()
+    s.preview_ki67_threshold(0.0)
+    assert s.counts() == before
+    s.undo()
+    assert s.reviewed_ki67_threshold is None and s.ki67_threshold == run_threshold
+    assert s.counts()["ki67_pos_cells"] == raw["ki67_pos_cells"]
+    assert ReviewSession(folder).reviewed_ki67_threshold is None
+
+
+def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tmp_path):
+    import shutil
+
+    from histo.cohort import analyze_cohort
+    from histo.review import set_study_ki67_threshold
+
+    other = folder.parent / "lung2"
+    shutil.copytree(folder, other)
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(
+        "slide,mouse,group,dpi,section\n"
+        f"{folder.name}.ome.tif,m1,IAV,15,1\nlung2.ome.tif,m2,IAV,15,1\n"
+    )
+    raw = analyze_cohort(sheet, folder.parent)
+    assert not any("threshold" in w for w in raw.warnings)
+    t = ReviewSession(folder).ki67_threshold
+    ReviewSession(other).set_ki67_threshold(5 * t)
+    flagged = analyze_cohort(sheet, folder.parent)
+    assert any("very different thresholds" in w and "lung2" in w for w in flagged.warnings)
+    assert any("different ways" in w for w in flagged.warnings)  # auto on one, user on the other
+    m2 = flagged.mice.set_index("mouse").loc["m2"]
+    assert m2["ki67_pos_cells"] <= raw.mice.set_index("mouse").loc["m2", "ki67_pos_cells"]
+    # One threshold for the whole study: no warning left, both slides counted with it.
+    set_study_ki67_threshold(sheet, folder.parent, 2 * t)
+    same = analyze_cohort(sheet, folder.parent)
+    assert not any("threshold" in w or "different ways" in w for w in same.warnings)
+    assert (same.sections["ki67_threshold"] == 2 * t).all()

@@ -20,17 +20,16 @@ from histo.synthetic._appearance import held_out_cases
 
 #: Cell F1 the shipped network reaches at least on a held-out family slide, and its HER2+
 #: count error at most; where it is weaker (it misses cells there: precision stays 1.0), the
-#: stated minimum of that family (a few points below what it measures on these slides).
-MIN_CELL_F1 = 0.97
-MAX_COUNT_ERROR = 0.05
+#: stated minimum of that family. Measured on these very slides with v2 at its operating point
+#: 0.9: F1 1.000 and count 0 on every family but granular HER2 (0.984, -3.1%), 9-11 um cells
+#: (0.981, -3.7%), 21-25 um cells (0.996, -0.9%) and near-zero autofluorescence (0.980, -3.9%).
+MIN_CELL_F1 = 0.99
+MAX_COUNT_ERROR = 0.02
 WEAKER = {
-    "her2_pattern=granular": (0.90, 0.16),
-    "her2_pattern=over_nucleus": (0.94, 0.09),
-    "cell_diameter_um=[9.0,11.0]": (0.92, 0.13),
-    "cell_diameter_um=[21.0,25.0]": (0.92, 0.13),
-    "tumour_fraction=0.6": (0.94, 0.09),
-    "tumour_fraction=0.85": (0.92, 0.12),
-    "autofluorescence=0.05": (0.96, 0.06),
+    "her2_pattern=granular": (0.97, 0.05),
+    "cell_diameter_um=[9.0,11.0]": (0.97, 0.05),
+    "cell_diameter_um=[21.0,25.0]": (0.98, 0.03),
+    "autofluorescence=0.05": (0.97, 0.05),
 }
 
 CASES = [("default", Appearance(), 0.5), *held_out_cases()]
@@ -78,7 +77,7 @@ def test_shipped_network_finds_the_cells_of_every_held_out_family(family_slides,
         (v for k, v in WEAKER.items() if k in _name(case)), (MIN_CELL_F1, MAX_COUNT_ERROR)
     )
     assert len(s.cells) >= 40
-    assert cells["precision"] >= 0.98, cells
+    assert cells["precision"] >= 0.99, cells
     assert cells["f1"] >= min_f1, cells
     assert abs(cells["count_error"]) <= max_error, cells
 
@@ -101,14 +100,14 @@ def test_tumour_dense_and_8_bit_slides_keep_their_recall(tmp_path, app):
     )
     r = analyze_slide(s.path, AnalysisConfig())
     cells = evaluate_cells(r.cells, s.cells)
-    # Measured with the shipped network: tumour-dense recall 0.90, 8-bit 1.00 (CI slides).
-    min_recall = 0.87 if app.tumour_fraction else 0.97
-    assert cells["recall"] >= min_recall, cells
-    assert cells["precision"] >= 0.97, cells
+    # Measured with the shipped network: recall 0.998 tumour-dense, 1.000 8-bit; precision
+    # 1.000 and every focus found on both.
+    assert cells["recall"] >= 0.98, cells
+    assert cells["precision"] >= 0.99, cells
     lesions = evaluate_lesions(r.lesions, s.lesions)
-    # Tumour regions closer than the 25-um linking distance become one lesion: foci, not cells,
-    # can merge there (3 of 4 found on this slide).
-    assert lesions.loc["focus", "recall"] >= (0.7 if app.tumour_fraction else 0.9), lesions
+    # The truth's tumour lesions are the linking rule's groups (histo.synthetic), so a solid
+    # tumour's foci are found as drawn.
+    assert lesions.loc["focus", "recall"] >= 0.95, lesions
 
 
 @pytest.mark.parametrize("pixel_size_um", [0.325, 0.65, 0.8])

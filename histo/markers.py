@@ -1,0 +1,390 @@
+"""Per-cell marker calls (Ki67) from thresholds calibrated on each slide's own nuclei.
+
+A nucleus is Ki67-positive when its mean Ki67 (counts above the camera offset) reaches the
+slide's threshold. The threshold comes from the slide itself: the mean Ki67 of every nucleus in
+the tissue windows that set the stain levels (thousands of ordinary nuclei) is a mixture of a
+negative population (autofluorescence, non-specific background, bleed-through) and a positive
+one (cycling epithelial and immune cells). In log intensity both are close to normal: the
+negatives' centre and spread come robustly from their mode and lower flank, the positives'
+from a mixture fit above them, and the threshold is where the two densities cross (equal
+priors: among cancer cells the share of positives is not that of all nuclei), never inside the
+negative population (at least `MIN_SDS_WITH_POSITIVES` of its robust standard deviations above
+its centre). Without a positive population (none at least `NEGATIVE_SDS` above the negatives)
+the threshold is `NEGATIVE_SDS` standard deviations above the negatives.
+
+The measured intensity stays in cells.csv (``ki67_mean``), so any threshold can be applied
+again later (`apply_threshold`, ``lungmets rethreshold``) without re-running the analysis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+#: The threshold is never closer to the negatives than this many of their robust standard
+#: deviations (log intensity): one negative nucleus in about 1,000 at most is called positive.
+NEGATIVE_SDS = 3.0
+
+#: With a positive population of its own (at least `NEGATIVE_SDS` above the negatives), the
+#: crossing of the two populations may come down to this many SDs above the negatives.
+MIN_SDS_WITH_POSITIVES = 2.0
+
+#: Two populations of the cancer cells count as such from this Ashman's D (2: just apart).
+BIMODAL_D = 2.5
+
+#: A positive population needs at least this share of the nuclei (and 10 nuclei) to be fitted.
+MIN_POSITIVE_SHARE = 0.005
+
+
+@dataclass(frozen=True)
+class MarkerThreshold:
+    """A marker's positivity threshold and where it came from.
+
+    Attributes
+    ----------
+    marker : str
+        Channel role, e.g. ``"Ki67"``.
+    threshold : float or None
+        Mean nuclear intensity above the camera offset (counts) from which a nucleus is
+        positive (None: not calibrated, the detector's own calls stand; `method` says why).
+    method : str
+        ``"two populations"`` (fitted between negatives and positives), ``"negatives + 3 SD"``
+        (no positive population found), or ``"user"`` (given with ``--ki67-threshold``).
+    n_nuclei : int
+        Nuclei measured on the slide to find it (0 for a user threshold).
+    negative_median, negative_sd_log : float
+        Centre (counts) and robust standard deviation (natural log) of the negative population.
+    positive_median : float or None
+        Centre (counts) of the positive population, when there is one.
+    positive_fraction : float
+        Share of the measured nuclei at or above the threshold.
+    applied : bool
+        False: reported only, the detector's calls stand (HER2 by default).
+    calibrated : dict or None
+        For a user's threshold: the slide's calibrated one (`to_dict`), for comparison and to
+        return to it.
+    histogram : dict or None
+        What the threshold was calibrated on, for a plot: ``edges_log10`` (bin edges, log10
+        counts) and the counts of ``nuclei`` (the slide's nuclei) and ``cells`` (HER2+ cells).
+    """
+
+    marker: str
+    threshold: float | None
+    method: str
+    n_nuclei: int = 0
+    negative_median: float | None = None
+    negative_sd_log: float | None = None
+    positive_median: float | None = None
+    positive_fraction: float | None = None
+    applied: bool = True
+    calibrated: dict | None = None
+    histogram: dict | None = None
+
+    def not_applied(self) -> MarkerThreshold:
+        """The same figures, reported only (the detector's calls stand)."""
+        return replace(self, applied=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("calibrated", "histogram"):
+            if d[k] is None:
+                del d[k]
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 4 if k.endswith("_log") or k.endswith("fraction") else 2)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MarkerThreshold:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _main_mode(values: np.ndarray) -> float:
+    """The highest peak of the smoothed histogram of `values`, refined as the median within
+    0.3 of it."""
+    from scipy import ndimage as ndi
+
+    v = np.asarray(values, np.float64)
+    if v.size < 20 or np.ptp(v) < 0.2:
+        return float(np.median(v))
+    hist, edges = np.histogram(v, bins=max(8, int(np.ptp(v) / 0.05)))
+    smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0, mode="constant")
+    k = int(np.argmax(smooth))
+    mode = 0.5 * (edges[k] + edges[k + 1])
+    near = v[np.abs(v - mode) < 0.3]
+    return float(np.median(near if near.size else v))
+
+
+def _robust_negative(logs: np.ndarray, lowest: bool) -> tuple[float, float]:
+    """Centre and robust SD of the negative population of `logs` (natural log intensities):
+    the main population of all nuclei (`lowest` False: Ki67, most nuclei are negative) or the
+    lowest one (HER2, whose positives can be most of the tissue).
+
+    The spread comes from the lower flank next to the centre (a quarter of the values below
+    it lie within 0.32 SD of a normal centre): positives lie above, and partial or dim nuclei
+    make a long tail below that should not widen it.
+    """
+    from .tissue import _lowest_mode
+
+    centre = _lowest_mode(logs) if lowest else _main_mode(logs)
+    below = centre - logs[logs <= centre]
+    sd = float(np.quantile(below, 0.25)) / 0.3186 if below.size >= 20 else float(np.std(logs))
+    return centre, max(sd, 0.05)
+
+
+def calibrate_threshold(
+    values: np.ndarray,
+    marker: str = "Ki67",
+    *,
+    unit: float = 1.0,
+    positives: bool = True,
+    cells: np.ndarray | None = None,
+) -> MarkerThreshold:
+    """The positivity threshold of a marker from the mean intensities of a slide's nuclei.
+
+    Parameters
+    ----------
+    values : ndarray
+        Mean marker intensity above the offset of each nucleus (or cell; counts, any dtype).
+    marker : str
+    unit : float
+        The intensity below which differences are noise (a few camera counts, or a fraction
+        of the channel's autofluorescence); logs are taken of ``values + unit``.
+    positives : bool
+        Look for a positive population (Ki67). False (HER2 of candidate cells, whose
+        positives are the cells themselves): the threshold is `NEGATIVE_SDS` above the
+        lowest population.
+    cells : ndarray, optional
+        The same measurement on the cancer cells. Where they form two populations of their
+        own (Ashman's D at least `BIMODAL_D`, each at least 5% of them, the lower one among
+        the slide's negatives), the threshold is where those two cross: it then holds even when the
+        slide's negatives are too spread to show a positive population above them.
+
+    Returns
+    -------
+    MarkerThreshold
+
+    Raises
+    ------
+    ValueError
+        With fewer than 20 finite values.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> neg = rng.lognormal(np.log(20), 0.3, 3000)
+    >>> pos = rng.lognormal(np.log(400), 0.4, 300)
+    >>> t = calibrate_threshold(np.r_[neg, pos])
+    >>> t.method, 40 < t.threshold < 200
+    ('two populations', True)
+    """
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 20:
+        raise ValueError(f"{marker}: {v.size} nuclei measured; at least 20 are needed")
+    unit = float(unit) if unit and unit > 0 else 1.0
+    logs = np.log(np.maximum(v, 0.0) + unit)
+    mu0, sd0 = _robust_negative(logs, lowest=not positives)
+    floor = mu0 + NEGATIVE_SDS * sd0
+    above = logs[logs > floor]
+    fit = None
+    if positives and above.size >= max(10, MIN_POSITIVE_SHARE * logs.size):
+        fit = _two_populations(logs, mu0, sd0, float(np.median(above)), float(np.std(above)))
+    if fit is not None:
+        m1, s1 = fit
+        # Equal priors: among cancer cells the share of positives is not that of all nuclei.
+        t = _equal_density(mu0, sd0, m1, s1)
+        t = float(np.clip(t, mu0 + MIN_SDS_WITH_POSITIVES * sd0, m1))
+        method, pos_median = "two populations", float(np.exp(m1) - unit)
+    else:
+        t, method, pos_median = floor, f"negatives + {NEGATIVE_SDS:g} SD", None
+    own = None if cells is None else np.asarray(cells, np.float64)
+    if positives and own is not None:
+        own = own[np.isfinite(own)]
+        split = _bimodal(np.log(np.maximum(own, 0.0) + unit)) if own.size >= 20 else None
+        if split is not None and split[0][0] <= mu0 + NEGATIVE_SDS * sd0:
+            (a0, b0), (a1, b1) = split
+            t = float(np.clip(_equal_density(a0, b0, a1, b1), a0 + 2 * b0, a1))
+            method, pos_median = "two populations of the cells", float(np.exp(a1) - unit)
+    return MarkerThreshold(
+        marker=marker,
+        threshold=float(np.exp(t) - unit),
+        method=method,
+        n_nuclei=int(v.size),
+        negative_median=float(np.exp(mu0) - unit),
+        negative_sd_log=float(sd0),
+        positive_median=pos_median,
+        positive_fraction=float(np.mean(logs >= t)),
+    )
+
+
+def _two_populations(logs, mu0, sd0, mu1, sd1, iterations: int = 200):
+    """The positive population's centre and SD: EM for a mixture of the negatives (held at
+    their robust figures) and one normal population above them; None when it is not there."""
+    x = logs
+    m1, s1, w1 = mu1, max(sd1, sd0), 0.1
+    neg = np.exp(-0.5 * ((x - mu0) / sd0) ** 2) / sd0
+    for _ in range(iterations):
+        pos = np.exp(-0.5 * ((x - m1) / s1) ** 2) / s1
+        r = w1 * pos / np.maximum(w1 * pos + (1 - w1) * neg, 1e-300)
+        n1 = r.sum()
+        if n1 < 5:
+            return None
+        m_new = float((r * x).sum() / n1)
+        s1 = max(float(np.sqrt((r * (x - m_new) ** 2).sum() / n1)), 0.05)
+        w1 = n1 / x.size
+        done = abs(m_new - m1) < 1e-6
+        m1 = m_new
+        if done:
+            break
+    if m1 - mu0 < NEGATIVE_SDS * sd0:  # not a population of its own
+        return None
+    return m1, s1
+
+
+def _bimodal(x: np.ndarray, iterations: int = 200):
+    """Two normal populations in `x` (EM from its 20th and 80th percentiles), as
+    ``((m0, s0), (m1, s1))``, when they are clearly apart (Ashman's D at least `BIMODAL_D`)
+    and each holds at least 5%; else None."""
+    m = np.quantile(x, [0.2, 0.8]).astype(np.float64)
+    s = np.full(2, max(float(np.std(x)) / 2, 0.05))
+    w = np.array([0.5, 0.5])
+    for _ in range(iterations):
+        dens = w / s * np.exp(-0.5 * ((x[:, None] - m) / s) ** 2)
+        r = dens / np.maximum(dens.sum(axis=1, keepdims=True), 1e-300)
+        nk = r.sum(axis=0)
+        if np.any(nk < 2):
+            return None
+        m_new = (r * x[:, None]).sum(axis=0) / nk
+        s = np.sqrt((r * (x[:, None] - m_new) ** 2).sum(axis=0) / nk).clip(0.05)
+        w = nk / nk.sum()
+        done = np.allclose(m_new, m, atol=1e-6)
+        m = m_new
+        if done:
+            break
+    # Ashman's D: how far apart two normal populations are for their spreads (> 2: clean).
+    ashman_d = np.sqrt(2.0) * (m[1] - m[0]) / np.sqrt((s**2).sum())
+    if ashman_d < BIMODAL_D or w.min() < 0.05:
+        return None
+    return (float(m[0]), float(s[0])), (float(m[1]), float(s[1]))
+
+
+def _equal_density(m0, s0, m1, s1) -> float:
+    """Where the two normal densities cross between their centres."""
+    grid = np.linspace(m0, m1, 2001)
+    d0 = np.exp(-0.5 * ((grid - m0) / s0) ** 2) / s0
+    d1 = np.exp(-0.5 * ((grid - m1) / s1) ** 2) / s1
+    cross = np.flatnonzero(d1 >= d0)
+    return float(grid[cross[0]]) if cross.size else float(m1)
+
+
+def user_threshold(
+    marker: str, value: float, calibrated: MarkerThreshold | None = None
+) -> MarkerThreshold:
+    """A threshold the scientist chose (counts above offset), with the slide's calibrated
+    one kept beside it (``calibrated``) when known."""
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{marker} threshold must be a non-negative number, got {value}")
+    return MarkerThreshold(
+        marker=marker,
+        threshold=float(value),
+        method="user",
+        calibrated=None if calibrated is None else calibrated.to_dict(),
+    )
+
+
+def _window_nuclei(windows, offset, dapi, marker, nuclear_dapi, nucleus_fraction):
+    """For each window: (nucleus labels, their number, the marker above the offset)."""
+    from scipy import ndimage as ndi
+
+    for w in windows:
+        d = w[dapi].astype(np.float32) - np.float32(offset[dapi])
+        k = w[marker].astype(np.float32) - np.float32(offset[marker])
+        lab, n = ndi.label(d > nucleus_fraction * nuclear_dapi)
+        if n:
+            yield lab, n, k
+
+
+def nuclear_means(
+    windows: list[np.ndarray],
+    offset: np.ndarray,
+    dapi: int,
+    marker: int,
+    *,
+    nuclear_dapi: float,
+    nucleus_fraction: float = 0.2,
+    min_area_px: int = 8,
+    grow_px: int = 0,
+) -> np.ndarray:
+    """Mean marker intensity above the offset of every nucleus in tissue windows (with
+    `grow_px`, over the nucleus grown by that much: a cell's body, as a detector measures a
+    HER2+ cell).
+
+    Nuclei are the connected regions where DAPI (above the offset) exceeds `nucleus_fraction`
+    of the slide's nuclear DAPI level, as the detectors define a cell's nucleus; those smaller
+    than `min_area_px` are left out.
+    """
+    from scipy import ndimage as ndi
+
+    out = []
+    for lab, n, k in _window_nuclei(windows, offset, dapi, marker, nuclear_dapi, nucleus_fraction):
+        area = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        region = lab
+        if grow_px > 0:
+            region = np.where(lab > 0, lab, ndi.grey_dilation(lab, size=2 * grow_px + 1))
+        sums = np.bincount(region.ravel(), weights=k.ravel(), minlength=n + 1)[1:]
+        cnt = np.bincount(region.ravel(), minlength=n + 1)[1:]
+        keep = area >= min_area_px
+        out.append(sums[keep] / np.maximum(cnt[keep], 1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def apply_threshold(cells, threshold: MarkerThreshold):
+    """``ki67_pos`` of every cell from its stored ``ki67_mean`` (a copy of `cells`).
+
+    Cells without a Ki67 measurement (NaN) stay NA.
+    """
+    import pandas as pd
+
+    col = f"{threshold.marker.lower()}_mean"
+    out = cells.copy()
+    v = out[col].to_numpy(np.float64)
+    call = pd.array(v >= threshold.threshold, dtype="boolean")
+    call[np.isnan(v)] = pd.NA
+    out[f"{threshold.marker.lower()}_pos"] = call
+    return out
+
+
+def apply_thresholds(cells, thresholds: dict):
+    """Cells with the calls of `thresholds` (marker -> `MarkerThreshold`; None thresholds
+    keep the detector's calls): candidates below the HER2 threshold are not HER2+ cells and
+    are left out; ``ki67_pos`` comes from ``ki67_mean``. Returns a new table."""
+    out = cells
+    her2 = thresholds.get("HER2")
+    if her2 is not None and her2.applied and her2.threshold is not None and len(out):
+        out = out[out["her2_mean"].to_numpy(np.float64) >= her2.threshold].reset_index(drop=True)
+    ki67 = thresholds.get("Ki67")
+    if ki67 is not None and ki67.applied and ki67.threshold is not None:
+        out = apply_threshold(out, ki67)
+    return out
+
+
+def histogram(nuclei: np.ndarray, cells: np.ndarray, *, unit: float = 1.0, bins: int = 48) -> dict:
+    """Log-spaced histogram of the nuclei's and the cells' intensities (for `histogram`)."""
+    both = np.r_[nuclei, cells]
+    both = both[np.isfinite(both)]
+    lo = np.log10(max(float(np.percentile(both, 0.5)) if both.size else 1.0, unit, 1e-6))
+    hi = np.log10(max(float(np.percentile(both, 99.9)) if both.size else 10.0, 10**lo * 10))
+    edges = np.linspace(lo, hi, bins + 1)
+    clip = 10 ** np.array([lo, hi])
+
+    def count(v):
+        v = np.clip(np.asarray(v, float)[np.isfinite(v)], *clip)
+        return np.histogram(np.log10(v), bins=edges)[0].tolist()
+
+    return {
+        "edges_log10": np.round(edges, 4).tolist(),
+        "nuclei": count(nuclei),
+        "cells": count(cells),
+    }

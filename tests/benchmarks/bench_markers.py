@@ -1,0 +1,151 @@
+"""Ki67 calls on held-out Ki67 styles: the slide-calibrated threshold against the detector's call.
+
+Run on demand (never in CI)::
+
+    python3 tests/benchmarks/bench_markers.py [--write]
+
+Every Ki67 style the generator draws (non-specific nuclear background in negatives, speckled
+or diffuse positives, near-zero or high autofluorescence, HER2 bleeding into Ki67, Ki67 that
+masks DAPI) and few or many positives (a PBS section, an infected one at 15 dpi), two sections
+each (seeds 94000+, never used in training), 1024 x 1024 um at 0.5 um/px. Each is analysed
+twice with the shipped network: ``--ki67-threshold detector`` (the network's own Ki67 output,
+the behaviour before calibration) and ``auto`` (the default: the threshold calibrated on the
+slide's nuclei, `histo.markers`). Figures: per-cell Ki67 status accuracy over the HER2+ cells
+found (matched to the truth within 5 um), dormant single cells found / true, and the Ki67+
+fraction of HER2+ cells found - true (percentage points). The worst style is the figure.
+``--write`` puts the table into BENCHMARKS.md between the ``bench_markers`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from histo.config import AnalysisConfig
+from histo.evaluate import match_points
+from histo.pipeline import analyze_slide
+from histo.synthetic import Appearance, generate_slide, load_truth
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, write_section  # noqa: E402
+
+#: name -> (appearance fields, sections as (group, dpi)).
+STYLES = {
+    "default": ({}, [("IAV", 15), ("IAV", 28)]),
+    "background 0.1": ({"ki67_background": 0.1}, [("IAV", 15), ("IAV", 28)]),
+    "background 0.2": ({"ki67_background": 0.2}, [("IAV", 15), ("IAV", 28)]),
+    "speckled": ({"ki67_pattern": "speckled"}, [("IAV", 15), ("IAV", 28)]),
+    "diffuse": ({"ki67_pattern": "diffuse"}, [("IAV", 15), ("IAV", 28)]),
+    "autofluorescence 0.05": ({"autofluorescence": 0.05}, [("IAV", 15), ("IAV", 28)]),
+    "autofluorescence 4": ({"autofluorescence": 4.0}, [("IAV", 15), ("IAV", 28)]),
+    "HER2 bleed-through 0.25": ({"bleed_through": 0.25}, [("IAV", 15), ("IAV", 28)]),
+    "Ki67 masks DAPI (0.3)": ({"ki67_dapi": 0.3}, [("IAV", 15), ("IAV", 28)]),
+    "few positives (PBS)": ({}, [("PBS", 15), ("PBS", 60)]),
+    "few positives + background 0.1": ({"ki67_background": 0.1}, [("PBS", 15), ("PBS", 60)]),
+}
+SEED = 94000
+SIZE_PX = (2048, 2048)
+
+
+def score(pairs) -> dict:
+    """Pooled Ki67 figures over (result, truth) pairs."""
+    agree = n = 0
+    dormant = dormant_true = 0
+    pos = found = pos_true = n_true = 0
+    for r, t in pairs:
+        pi, ti = match_points(
+            r.cells[["x_um", "y_um"]].to_numpy(), t.cells[["x_um", "y_um"]].to_numpy(), 5.0
+        )
+        a = r.cells["ki67_pos"].to_numpy(bool)[pi]
+        b = t.cells["ki67_pos"].to_numpy(bool)[ti]
+        agree += int((a == b).sum())
+        n += len(pi)
+        dormant += int(r.lesions["dormant"].astype(bool).sum())
+        dormant_true += int(t.lesions["dormant"].astype(bool).sum())
+        pos += int(r.cells["ki67_pos"].astype(bool).sum())
+        found += len(r.cells)
+        pos_true += int(t.cells["ki67_pos"].sum())
+        n_true += len(t.cells)
+    return {
+        "accuracy": agree / max(n, 1),
+        "dormant": dormant,
+        "dormant_true": dormant_true,
+        "dormant_error": (dormant - dormant_true) / max(dormant_true, 1),
+        "fraction_pp": 100 * (pos / max(found, 1) - pos_true / max(n_true, 1)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("/tmp/lungmets_markers"))
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (name, (fields, sections)) in enumerate(STYLES.items()):
+        paths = []
+        for j, (group, dpi) in enumerate(sections):
+            path = args.data / f"style{k:02d}_{j}.ome.tif"
+            if not path.exists():
+                generate_slide(
+                    path,
+                    size_px=SIZE_PX,
+                    group=group,
+                    dpi=dpi,
+                    seed=SEED + 2 * k + j,
+                    appearance=Appearance(**fields),
+                    labels=False,
+                )
+            paths.append(path)
+        truths = [load_truth(p) for p in paths]
+        for how in ("detector", "auto"):
+            results = [analyze_slide(p, AnalysisConfig(ki67_threshold=how)) for p in paths]
+            s = score(zip(results, truths, strict=True))
+            s.update(style=name, how=how)
+            if how == "auto":
+                s["thresholds"] = ", ".join(
+                    f"{r.summary['markers']['Ki67']['threshold']:.0f} "
+                    f"({r.summary['markers']['Ki67']['method']})"
+                    for r in results
+                )
+            rows.append(s)
+            print(_row(s), flush=True)
+    lines = [
+        machine_line(),
+        "Command: `python3 tests/benchmarks/bench_markers.py --write`. Two sections per style "
+        f"(seeds {SEED}+, {SIZE_PX[0] // 2} x {SIZE_PX[1] // 2} um), the shipped network; "
+        "'detector': its own Ki67 output, 'auto': the slide-calibrated threshold (default).",
+        "",
+        "| Ki67 style | call | Ki67 status accuracy | dormant found / true | Ki67+ fraction "
+        "error | thresholds (counts, method) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(_row(r) for r in rows),
+        "",
+        "Worst style per call:",
+        "",
+        "| call | accuracy | dormant count error | Ki67+ fraction error |",
+        "| --- | --- | --- | --- |",
+    ]
+    for how in ("detector", "auto"):
+        sel = [r for r in rows if r["how"] == how]
+        acc = min(r["accuracy"] for r in sel)
+        derr = max(sel, key=lambda r: abs(r["dormant_error"]))["dormant_error"]
+        ferr = max(sel, key=lambda r: abs(r["fraction_pp"]))["fraction_pp"]
+        lines.append(f"| {how} | {acc:.3f} | {derr:+.0%} | {ferr:+.1f} pp |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section("bench_markers", "Ki67 calls on held-out Ki67 styles", lines)
+
+
+def _row(s: dict) -> str:
+    return (
+        f"| {s['style']} | {s['how']} | {s['accuracy']:.3f} | {s['dormant']} / "
+        f"{s['dormant_true']} ({s['dormant_error']:+.0%}) | {s['fraction_pp']:+.1f} pp | "
+        f"{s.get('thresholds', '')} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

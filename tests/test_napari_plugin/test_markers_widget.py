@@ -1,0 +1,101 @@
+"""The Markers widget in a real napari viewer (under Xvfb): the Ki67 threshold on its
+histogram, moved with live counts, applied to the journal, undone, used by the cohort."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histo.batch import run_batch
+from histo.config import AnalysisConfig
+from histo.review import JOURNAL, ReviewSession, read_journal
+from histo.synthetic import generate_slide
+from napari_plugin._reader import get_results_reader
+
+pytestmark = pytest.mark.napari
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("markers")
+    s = generate_slide(
+        d / "lung.ome.tif", size_px=(1280, 1024), group="IAV", dpi=15, seed=41, labels=False
+    )
+    (out,) = run_batch([s.path], d / "results", AnalysisConfig(method="classical"))
+    assert out.ok
+    return s, out.out_dir
+
+
+@pytest.fixture
+def results(analysed, tmp_path):
+    dst = tmp_path / "results" / analysed[1].name
+    shutil.copytree(analysed[1], dst)
+    return dst
+
+
+def test_markers_widget_moves_applies_and_undoes_the_threshold(make_napari_viewer, results):
+    viewer = make_napari_viewer()
+    for data, kw, kind in get_results_reader(str(results))(str(results)):
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    _, widget = viewer.window.add_plugin_dock_widget("lungmets", "Markers (Ki67 threshold)")
+    assert widget.session is not None and widget.session.folder == results
+    own = widget.session.ki67_threshold
+    assert widget.threshold == pytest.approx(own, rel=1e-3)
+    # The histogram is drawn with the threshold as a line.
+    ax = widget.figure.axes[0]
+    assert any(abs(line.get_xdata()[0] - own) < 1 for line in ax.get_lines())
+    cells_layer = widget.cells_layer
+    colours0 = np.array(cells_layer.face_color)
+    counts0 = widget.session.counts()
+
+    # Typing a high threshold: fewer Ki67+ cells, more dormant, cells recoloured; nothing saved.
+    cells = pd.read_csv(results / "cells.csv")
+    high = float(cells["ki67_mean"].quantile(0.95))
+    preview = widget.set_threshold(high)
+    assert preview["ki67_pos_cells"] == int((cells["ki67_mean"] >= high).sum())
+    assert preview["ki67_pos_cells"] < counts0["ki67_pos_cells"]
+    assert preview["dormant"] >= counts0["dormant"]
+    assert f"{preview['dormant']} dormant" in widget.counts_label.text()
+    assert "not applied" in widget.counts_label.text()
+    assert not np.array_equal(np.array(cells_layer.face_color), colours0)
+    assert not (results / JOURNAL).exists()
+    # The slider moves with the value.
+    assert 0 < widget.slider.value() <= widget.slider.maximum()
+
+    widget.apply()
+    (line,) = read_journal(results / JOURNAL)
+    assert line.action == "set_ki67_threshold"
+    assert line.after["ki67_threshold"] == pytest.approx(high, rel=1e-3)
+    assert ReviewSession(results).counts() == preview  # what the cohort will count
+    assert "(applied)" in widget.counts_label.text()
+
+    widget.undo()
+    assert ReviewSession(results).reviewed_ki67_threshold is None
+    assert widget.threshold == pytest.approx(own, rel=1e-3)
+    assert [c.action for c in read_journal(results / JOURNAL)] == ["set_ki67_threshold", "undo"]
+
+
+def test_markers_widget_applies_one_threshold_to_a_study(make_napari_viewer, results, tmp_path):
+    other = results.parent / "lung2"
+    shutil.copytree(results, other)
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(
+        "slide,mouse,group,dpi,section\nlung.ome.tif,m1,IAV,15,1\nlung2.ome.tif,m2,PBS,15,1\n"
+    )
+    viewer = make_napari_viewer()
+    for data, kw, kind in get_results_reader(str(results))(str(results)):
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    _, widget = viewer.window.add_plugin_dock_widget("lungmets", "Markers (Ki67 threshold)")
+    widget.set_threshold(123.0)
+    folders = widget.apply_to_study(sheet)
+    assert sorted(f.name for f in folders) == ["lung", "lung2"]
+    for f in folders:
+        assert ReviewSession(f).reviewed_ki67_threshold == 123.0
+    # Blinded: nothing in the widget names a group or a mouse.
+    texts = " ".join(
+        w.text() for w in (widget.counts_label, widget.method_label) if hasattr(w, "text")
+    )
+    assert "PBS" not in texts and "m2" not in texts
