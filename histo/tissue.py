@@ -148,9 +148,9 @@ def stain_levels(
 ) -> StainLevels:
     """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
 
-    The autofluorescence of each channel is its median over the alveolar walls: tissue that is
-    neither nucleus nor airspace, found in the DAPI channel (the brighter class of its
-    non-nuclear tissue) and the same pixels in every channel; for a marker whose positive cells cover much of the section (solid tumour), where
+    The autofluorescence of each channel is its median over the alveolar walls, tissue that is
+    neither nucleus nor airspace: the brighter class of the channel's own non-nuclear tissue,
+    or of DAPI's (the same pixels in every channel), whichever gives more; for a marker whose positive cells cover much of the section (solid tumour), where
     that median is the marker itself, it comes instead from tissue that stays negative: the
     autofluorescence's own ratio to the DAPI channel (the lowest population of that ratio;
     autofluorescence is broad-band, a marker is not) times the DAPI channel's level.
@@ -189,14 +189,20 @@ def stain_levels(
     # Lung tissue is dark airspace and bright alveolar walls: split the two (Otsu on log
     # intensity, so the split does not depend on exposure) and take the walls' median.
     logs = [_log_units(pix[i][not_nuclear], floors[i]) for i in range(c)]
-    # The walls are found in DAPI, whose tissue holds no positive cells outside nuclei, and
-    # are the same pixels in every channel (autofluorescence is broad-band). A marker's own
-    # split can fall anywhere among airspace clipped at the offset, a faint haze above it,
-    # the walls and its positive cells.
-    walls = _lit(logs[dapi])
-    lit = [walls if walls.sum() >= 200 else _lit(lv) for lv in logs]
+    lit = [_lit(lv) for lv in logs]
+    # Two estimates of the walls, each of which can only err low: the channel's own split
+    # (it can fall between airspace clipped at the offset and a faint haze above it) and the
+    # walls found in DAPI, the same pixels in every channel (where DAPI's walls are lost in
+    # the noise, its split finds the dim rims of nuclei instead, where a marker is at the
+    # noise). The larger is the walls'; a level too high (positive cells) is the spectral
+    # guard's below.
+    walls = lit[dapi]
     af = [
-        max(float(np.expm1(np.median(lv[m])) * f), f)
+        max(
+            float(np.expm1(np.median(lv[m])) * f),
+            float(np.expm1(np.median(lv[walls])) * f) if walls.sum() >= 200 else 0.0,
+            f,
+        )
         for lv, m, f in zip(logs, lit, floors, strict=True)
     ]
     # Where a marker's positive cells cover much of the tissue (solid tumour), its median is the

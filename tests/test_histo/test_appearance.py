@@ -200,10 +200,9 @@ def test_autofluorescence_reference_comes_from_negative_tissue(tmp_path, app):
     truth = meta["autofluorescence"]["HER2"] * meta["gain"]["HER2"]
     truth *= scale.get(app.get("dtype"), 1.0)
     # Walls are drawn at the autofluorescence times their texture and the scanner's
-    # illumination (0.8-1.1), and the walls found in DAPI include their dim edges: the
-    # measured level lies within 35% of the drawn one (measured: 0.76-0.8 of it), or within
+    # illumination (0.8-1.1): the measured level lies within 25% of the drawn one, or within
     # 60% where HER2+ tumour covers most of the tissue (there the tissue's median is 9x it).
-    tolerance = 1.6 if app.get("tumour_fraction") else 1.35
+    tolerance = 1.6 if app.get("tumour_fraction") else 1.25
     assert truth / tolerance < stain.autofluorescence[1] < truth * tolerance
 
 
@@ -211,7 +210,8 @@ def test_reference_levels_hold_where_airspace_holds_a_faint_haze(tmp_path):
     """A default-style section whose airspace is a fifth clipped at the offset and half a faint
     HER2 haze (15 counts) below walls of 200: an Otsu split of HER2 alone fell between the
     clipped pixels and the haze (reference 18 counts, 12x too low; the network then called
-    immune nuclei HER2+). The walls are found in DAPI and are the same pixels in HER2."""
+    immune nuclei HER2+). The walls found in DAPI, the same pixels in HER2, give them
+    (measured: 0.80 of the drawn level, which includes the walls' dim edges)."""
     s = generate_slide(
         tmp_path / "haze.ome.tif",
         size_px=(2048, 1536),
@@ -224,7 +224,7 @@ def test_reference_levels_hold_where_airspace_holds_a_faint_haze(tmp_path):
     meta = s.meta["stain"]
     for i, name in enumerate(("DAPI", "HER2", "Ki67")):
         truth = meta["autofluorescence"][name] * meta["gain"][name]
-        assert truth / 1.35 < stain.autofluorescence[i] < truth * 1.35, (name, stain)
+        assert truth / 1.3 < stain.autofluorescence[i] < truth * 1.3, (name, stain)
 
 
 def _nucleus_dapi(s) -> float:
