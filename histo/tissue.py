@@ -150,10 +150,11 @@ def stain_levels(
 
     The autofluorescence of each channel is its median over the alveolar walls, tissue that is
     neither nucleus nor airspace: the brighter class of the channel's own non-nuclear tissue,
-    or of DAPI's (the same pixels in every channel), whichever gives more; for a marker whose positive cells cover much of the section (solid tumour), where
-    that median is the marker itself, it comes instead from tissue that stays negative: the
-    autofluorescence's own ratio to the DAPI channel (the lowest population of that ratio;
-    autofluorescence is broad-band, a marker is not) times the DAPI channel's level.
+    or of DAPI's (the same pixels in every channel), whichever gives more. For a marker whose
+    positive cells cover much of the section (solid tumour), where that median is the marker
+    itself, it comes instead from tissue that stays negative: the autofluorescence's own ratio
+    to the DAPI channel (the lowest population of that ratio; autofluorescence is broad-band, a
+    marker is not) times the DAPI channel's level.
 
     Parameters
     ----------

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._layers import border_colours, lesion_colours
+from ._widget_util import refill_layer_box, result_layers_of
 
 #: Slider steps over the log range of the histogram.
 SLIDER_STEPS = 1000
@@ -101,25 +102,8 @@ class MarkersWidget(QWidget):
 
     # ----------------------------------------------------------------- layers
 
-    def _layers_of(self, kind):
-        return [
-            lyr
-            for lyr in self.viewer.layers
-            if lyr.metadata.get("lungmets_kind") == kind and lyr.metadata.get("lungmets_results")
-        ]
-
     def _refresh_layers(self, event=None):
-        current = self.layer
-        layers = self._layers_of("lesions")
-        self.layer_box.blockSignals(True)
-        self.layer_box.clear()
-        for lyr in layers:
-            self.layer_box.addItem(lyr.name, lyr)
-        self.layer_box.blockSignals(False)
-        if current in layers:
-            self.layer_box.setCurrentIndex(layers.index(current))
-        elif layers:
-            self.layer_box.setCurrentIndex(len(layers) - 1)
+        if refill_layer_box(self.layer_box, result_layers_of(self.viewer, "lesions"), self.layer):
             self._on_layer()
 
     def _on_layer(self, index=None):
@@ -134,7 +118,7 @@ class MarkersWidget(QWidget):
         self.cells_layer = next(
             (
                 c
-                for c in self._layers_of("cells")
+                for c in result_layers_of(self.viewer, "cells")
                 if str(c.metadata["lungmets_results"]) == str(folder)
             ),
             None,

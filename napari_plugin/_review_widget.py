@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._layers import border_colours, lesion_colours
+from ._widget_util import refill_layer_box, result_layers_of
 
 COLUMNS = (
     "lesion_id",
@@ -238,25 +239,10 @@ class ReviewWidget(QWidget):
     # ----------------------------------------------------------------- layers
 
     def _lesion_layers(self):
-        return [
-            lyr
-            for lyr in self.viewer.layers
-            if lyr.metadata.get("lungmets_kind") == "lesions"
-            and lyr.metadata.get("lungmets_results")
-        ]
+        return result_layers_of(self.viewer, "lesions")
 
     def _refresh_layers(self, event=None):
-        current = self.layer
-        layers = self._lesion_layers()
-        self.layer_box.blockSignals(True)
-        self.layer_box.clear()
-        for lyr in layers:
-            self.layer_box.addItem(lyr.name, lyr)
-        self.layer_box.blockSignals(False)
-        if current in layers:
-            self.layer_box.setCurrentIndex(layers.index(current))
-        elif layers:
-            self.layer_box.setCurrentIndex(len(layers) - 1)
+        if refill_layer_box(self.layer_box, self._lesion_layers(), self.layer):
             self._on_layer()
         else:
             self.set_layer(None)
