@@ -301,6 +301,12 @@ def load_sections(
             thr, method = session.reviewed_ki67_threshold, "user"
         row["ki67_threshold"] = np.nan if thr is None else float(thr)
         row["ki67_threshold_method"] = method
+        # The same threshold relative to the slide's own negative nuclei: exposure differs
+        # between slides, where a threshold sits above the negatives should not.
+        neg = ki67.get("negative_median") or (ki67.get("calibrated") or {}).get("negative_median")
+        row["ki67_threshold_over_negatives"] = (
+            float(thr) / float(neg) if thr is not None and neg else np.nan
+        )
         row.update(_provenance_columns(summary))
         row["results"] = str(folder)
         rows.append(row)
@@ -345,12 +351,17 @@ THRESHOLD_SPREAD = 2.0
 
 def threshold_warnings(sections: pd.DataFrame) -> list[str]:
     """Warnings where the slides of one study were called with very different Ki67 thresholds
-    (more than `THRESHOLD_SPREAD` x from the median of the other slides) or in different ways
-    (calibrated, the user's, the detector's)."""
+    or in different ways (calibrated, the user's, the detector's).
+
+    Thresholds are compared relative to each slide's own negative nuclei (exposure differs from
+    slide to slide; where the threshold sits above the negatives should not): a slide more
+    than `THRESHOLD_SPREAD` x from the median of the other slides is listed.
+    """
     out = []
     if "ki67_threshold" not in sections or not len(sections):
         return out
-    t = sections["ki67_threshold"].astype(float)
+    rel = "ki67_threshold_over_negatives"
+    t = sections[rel if rel in sections else "ki67_threshold"].astype(float)
     ok = (t.notna() & (t > 0)).to_numpy()
     if ok.sum() >= 2:
         v = t.to_numpy()
@@ -367,15 +378,16 @@ def threshold_warnings(sections: pd.DataFrame) -> list[str]:
         if far:
             rows = sections.iloc[far]
             listed = ", ".join(
-                f"{r.slide} ({r.ki67_threshold:.0f}, {r.ki67_threshold_method})"
-                for r in rows.itertuples()
+                f"{r.slide} ({r.ki67_threshold:.0f} counts, {v[i]:.1f}x its negatives, "
+                f"{r.ki67_threshold_method})"
+                for i, r in zip(far, rows.itertuples(), strict=True)
             )
             out.append(
-                f"Ki67 was called with very different thresholds: {len(far)} slide(s) more "
-                f"than {THRESHOLD_SPREAD:g}x from the median of the other slides "
-                f"({float(np.median(v[ok])):.0f} counts over the study): {listed}. Look at "
-                "them in napari's Markers widget, or give the study one threshold with "
-                "'lungmets rethreshold RESULTS --ki67-threshold COUNTS'"
+                f"Ki67 was called with very different thresholds: {len(far)} slide(s) whose "
+                f"threshold over their own negative nuclei is more than {THRESHOLD_SPREAD:g}x "
+                f"from the other slides' (median {float(np.median(v[ok])):.1f}x over the "
+                f"study): {listed}. Look at them in napari's Markers widget, or give the study "
+                "one threshold with 'lungmets rethreshold RESULTS --ki67-threshold COUNTS'"
             )
     methods = sorted({str(m) for m in sections["ki67_threshold_method"].dropna()})
     kinds = {
