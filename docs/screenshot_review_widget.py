@@ -9,30 +9,16 @@ and saves a screenshot of the whole window. Under a virtual X server on a machin
 
 from __future__ import annotations
 
-import tempfile
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _napari_scene import open_sample_section, save_window  # noqa: E402
 
 
 def main(out: Path = HERE / "images" / "napari_review.png") -> Path:
-    import napari
-    from qtpy.QtWidgets import QApplication
-
-    from histo.batch import run_batch
-    from histo.synthetic import SAMPLE_SIZE_PX, generate_slide
-
-    work = Path(tempfile.mkdtemp())
-    slide = generate_slide(
-        work / "lung_IAV_d15.ome.tif", size_px=SAMPLE_SIZE_PX, group="IAV", dpi=15, seed=41,
-        labels=False,
-    )  # fmt: skip
-    (result,) = run_batch([slide.path], work / "results")
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1500, 900)
-    viewer.open(str(slide.path), plugin="lungmets")
-    viewer.open(str(result.out_dir), plugin="lungmets")
-    _, widget = viewer.window.add_plugin_dock_widget("lungmets", "Review lesions")
+    viewer, widget = open_sample_section("Review lesions")
     lesions = widget.session.lesions
     focus = lesions.index[lesions["review_class"] == "focus"][0]
     widget.select_lesion(lesions.index[0])
@@ -40,11 +26,7 @@ def main(out: Path = HERE / "images" / "napari_review.png") -> Path:
     widget.select_lesion(focus)
     widget.accept()
     viewer.reset_view()
-    for _ in range(20):
-        QApplication.processEvents()
-    viewer.screenshot(str(out), canvas_only=False)
-    viewer.close()
-    return out
+    return save_window(viewer, out)
 
 
 if __name__ == "__main__":

@@ -9,24 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histo.batch import run_batch
-from histo.config import AnalysisConfig
 from histo.review import JOURNAL, ReviewSession, read_journal
-from histo.synthetic import generate_slide
 from napari_plugin._reader import get_results_reader
 
 pytestmark = pytest.mark.napari
-
-
-@pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("markers")
-    s = generate_slide(
-        d / "lung.ome.tif", size_px=(1280, 1024), group="IAV", dpi=15, seed=41, labels=False
-    )
-    (out,) = run_batch([s.path], d / "results", AnalysisConfig(method="classical"))
-    assert out.ok
-    return s, out.out_dir
 
 
 @pytest.fixture
