@@ -100,22 +100,6 @@ class MarkerThreshold:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def _main_mode(values: np.ndarray) -> float:
-    """The highest peak of the smoothed histogram of `values`, refined as the median within
-    0.3 of it."""
-    from scipy import ndimage as ndi
-
-    v = np.asarray(values, np.float64)
-    if v.size < 20 or np.ptp(v) < 0.2:
-        return float(np.median(v))
-    hist, edges = np.histogram(v, bins=max(8, int(np.ptp(v) / 0.05)))
-    smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0, mode="constant")
-    k = int(np.argmax(smooth))
-    mode = 0.5 * (edges[k] + edges[k + 1])
-    near = v[np.abs(v - mode) < 0.3]
-    return float(np.median(near if near.size else v))
-
-
 def _robust_negative(logs: np.ndarray, lowest: bool) -> tuple[float, float]:
     """Centre and robust SD of the negative population of `logs` (natural log intensities):
     the main population of all nuclei (`lowest` False: Ki67, most nuclei are negative) or the
@@ -125,9 +109,9 @@ def _robust_negative(logs: np.ndarray, lowest: bool) -> tuple[float, float]:
     it lie within 0.32 SD of a normal centre): positives lie above, and partial or dim nuclei
     make a long tail below that should not widen it.
     """
-    from .tissue import _lowest_mode
+    from .tissue import _mode
 
-    centre = _lowest_mode(logs) if lowest else _main_mode(logs)
+    centre = _mode(logs, lowest=lowest)
     below = centre - logs[logs <= centre]
     sd = float(np.quantile(below, 0.25)) / 0.3186 if below.size >= 20 else float(np.std(logs))
     return centre, max(sd, 0.05)

@@ -196,7 +196,7 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
             "is the right file and that --channels names the DAPI and HER2 channels"
         )
     # Stain levels from windows of tissue at about 1 um/px.
-    fine, fds, windows = _stain_windows(slide, mask, ds)
+    fds, windows = _stain_windows(slide, mask, ds)
     unit = None
     if not np.issubdtype(low.dtype, np.integer):
         # Float data: about half the glass noise of the windows' level plays a camera count
@@ -208,8 +208,8 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
 
 
 def _stain_windows(slide, mask: np.ndarray, mask_downsample: float, n: int = 24):
-    """``(level, downsample, windows)``: `n` windows of 128 x 128 px of tissue (spread over
-    `mask`) from the level nearest 1 um/px."""
+    """``(downsample, windows)``: `n` windows of 128 x 128 px of tissue (spread over `mask`)
+    from the level nearest 1 um/px, and that level's downsample."""
     fine = slide.level_for_pixel_size(1.0)
     fds = slide.downsamples[fine]
     fy, fx = slide.levels[fine].shape[1:]
@@ -222,7 +222,7 @@ def _stain_windows(slide, mask: np.ndarray, mask_downsample: float, n: int = 24)
         windows.append(
             slide.read_region(fine, y0, min(fy, y0 + 2 * half), x0, min(fx, x0 + 2 * half))
         )
-    return fine, fds, windows
+    return fds, windows
 
 
 def marker_thresholds(
@@ -261,7 +261,7 @@ def marker_thresholds(
     )
 
     ds = mask_pixel_size_um / slide.pixel_size_um
-    fine, fds, windows = _stain_windows(slide, mask, ds, n=48)
+    fds, windows = _stain_windows(slide, mask, ds, n=48)
     d = slide.roles["DAPI"]
     offset = np.asarray(stain.offset, np.float64)
     px_um = slide.pixel_size_um * fds
@@ -319,13 +319,6 @@ def marker_thresholds(
         else:
             out["Ki67"] = auto
     return out
-
-
-def _float_unit(values: np.ndarray) -> float:
-    """For float data: a small intensity below which differences do not matter."""
-    v = np.abs(np.asarray(values, np.float64))
-    v = v[np.isfinite(v) & (v > 0)]
-    return float(np.percentile(v, 1)) if v.size else 1e-6
 
 
 def iter_analyze_slide(

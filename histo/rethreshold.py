@@ -28,7 +28,7 @@ def _threshold_for(value, summary: dict, folder: Path) -> MarkerThreshold:
     if stored is None:
         raise InputError(
             f"{folder}: summary.json has no Ki67 threshold (a result without Ki67, or written "
-            "by a lungmets before 0.2); analyse the slide again with 'lungmets run'"
+            "before lungmets recorded its thresholds); analyse the slide again with 'lungmets run'"
         )
     run = MarkerThreshold.from_dict(stored)
     calibrated = run if run.method != "user" else None

@@ -302,8 +302,9 @@ class ReviewSession:
             lesions["n_ki67_pos"] = self._analysed["n_ki67_pos"]
             auto = self._analysed["review_class"]
         else:
-            v = cells["ki67_mean"].to_numpy(np.float64)
-            cells["ki67_pos"] = v >= threshold
+            from .markers import apply_threshold, user_threshold
+
+            cells = apply_threshold(cells, user_threshold("Ki67", threshold))
             n_pos = cells.groupby("lesion_id")["ki67_pos"].sum()
             lesions["n_ki67_pos"] = n_pos.reindex(lesions["lesion_id"]).fillna(0).astype(int).values
             single = lesions["n_cells"] == 1

@@ -217,7 +217,7 @@ def stain_levels(
             continue
         v_i = np.maximum(pix[i][not_nuclear][both], floors[i])
         v_d = np.maximum(pix[dapi][not_nuclear][both], floors[dapi])
-        spectral = np.exp(_lowest_mode(np.log(v_i / v_d))) * af[dapi]
+        spectral = np.exp(_mode(np.log(v_i / v_d))) * af[dapi]
         if af[i] > SPECTRAL_GUARD * spectral:
             af[i] = max(float(spectral), floors[i])
     nuc = [float(np.percentile(pix[i], 99.0)) for i in range(c)]
@@ -241,21 +241,27 @@ def _lit(lv: np.ndarray) -> np.ndarray:
 SPECTRAL_GUARD = 1.5
 
 
-def _lowest_mode(values: np.ndarray) -> float:
-    """The lowest mode of `values` that holds a real population (at least 30% of the highest
-    peak of the smoothed histogram), refined as the median within 0.3 of it."""
+def _mode(values: np.ndarray, *, lowest: bool = True) -> float:
+    """A mode of `values`, refined as the median within 0.3 of it: the lowest one that holds a
+    real population (at least 30% of the highest peak of the smoothed histogram), or with
+    `lowest` False the highest peak itself."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
     if v.size < 20 or np.ptp(v) < 0.2:
         return float(np.median(v)) if v.size else 0.0
     hist, edges = np.histogram(v, bins=max(8, int(np.ptp(v) / 0.05)))
     smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0, mode="constant")
-    peaks = np.flatnonzero(
-        (smooth >= np.r_[-1, smooth[:-1]])
-        & (smooth >= np.r_[smooth[1:], -1])
-        & (smooth >= 0.3 * smooth.max())
-    )
-    mode = 0.5 * (edges[peaks[0]] + edges[peaks[0] + 1])
+    if lowest:
+        k = int(
+            np.flatnonzero(
+                (smooth >= np.r_[-1, smooth[:-1]])
+                & (smooth >= np.r_[smooth[1:], -1])
+                & (smooth >= 0.3 * smooth.max())
+            )[0]
+        )
+    else:
+        k = int(np.argmax(smooth))
+    mode = 0.5 * (edges[k] + edges[k + 1])
     near = v[np.abs(v - mode) < 0.3]
     return float(np.median(near if near.size else v))
 
