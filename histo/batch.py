@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._threads import iter_in_thread
+from ._version import ANALYSIS_REVISION
 from .config import AnalysisConfig
 from .errors import InputError
 
@@ -75,8 +76,8 @@ def run_key(
 
     The input's checksum, the analysis parameters (except `EXECUTION_ONLY` ones), the
     channel mapping and pixel-size override, the model's SHA-256 and operating point (the
-    settings in its JSON that change what it finds: `models.OPERATING_POINT`) and the lungmets
-    version.
+    settings in its JSON that change what it finds: `models.OPERATING_POINT`), the lungmets
+    version and its `ANALYSIS_REVISION`.
     """
     from ._version import __version__
 
@@ -93,6 +94,7 @@ def run_key(
         "pixel_size_um": pixel_size_um,
         "model_sha256": model,
         "lungmets": __version__,
+        "analysis_revision": ANALYSIS_REVISION,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -190,6 +192,7 @@ def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False
             "parameters": (config or AnalysisConfig()).to_dict(),
             "channels": _jsonable_channels(kwargs.get("channels")),
             "pixel_size_um": kwargs.get("pixel_size_um"),
+            "analysis_revision": ANALYSIS_REVISION,
         }
         folder = write_results(result, out_dir)
         if labels_zarr:

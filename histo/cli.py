@@ -472,6 +472,7 @@ def _run_cohort(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {w}", file=sys.stderr)
     print(f"report: {report}")
     print(f"tables: {args.out / 'mice.csv'}, {args.out / 'stats.csv'}")
+    print(result.review_line())
     for line in result.headline():
         print(line)
     return 0
@@ -565,8 +566,12 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(
             f"unknown appearance families: {', '.join(unknown)}; known: {', '.join(FAMILIES)}"
         )
+    if args.from_reviews:
+        return _run_teach(args)
+    if args.validate_on:
+        raise InputError("--validate-on needs --from-reviews (reviewed slides to train on)")
     config = TrainConfig(
-        steps=args.steps,
+        steps=args.steps or 3000,
         seed=args.seed,
         lr=TrainConfig.lr if args.lr is None else args.lr,
         families=not args.no_families,
@@ -584,6 +589,67 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"model:  {path}")
     print(f"config: {path.with_suffix('.json')}")
     print(f"use it: {PROG} run SLIDES... --method unet --model {path}")
+    return 0
+
+
+def _review_folders(paths) -> list[Path]:
+    """Result folders from the arguments: a slide's result folder, or a results folder whose
+    reviewed slides (those with a corrections.jsonl) are taken."""
+    from histo.review import JOURNAL
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if (p / "summary.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            found = sorted(f.parent for f in p.glob(f"*/{JOURNAL}"))
+            if not found:
+                raise InputError(
+                    f"{p}: no reviewed slide here (no */{JOURNAL}); review slides in napari "
+                    "first, or give a slide's result folder"
+                )
+            out += found
+        else:
+            raise InputError(
+                f"{p}: not a result folder (no summary.json); give an output of 'lungmets run'"
+            )
+    return out
+
+
+def _run_teach(args: argparse.Namespace) -> int:
+    from models.teach import teach
+
+    if args.slides:
+        raise InputError("give either --slides (annotated slides) or --from-reviews, not both")
+    folders = _review_folders(args.from_reviews)
+    validate = _review_folders(args.validate_on) if args.validate_on else []
+    with _tqdm_progress("teaching") as progress:
+        result = teach(
+            args.out,
+            folders,
+            init_model=args.from_model,
+            steps=args.steps or 300,
+            lr=3e-4 if args.lr is None else args.lr,
+            seed=args.seed,
+            synthetic_share=args.synthetic_share,
+            data_dir=args.data,
+            validate_on=validate,
+            progress=progress,
+        )
+    print(
+        f"model:  {result.model_path} (from {result.n_corrections} corrections on "
+        f"{len(folders)} slide(s), {result.seconds:.0f} s)"
+    )
+    print(f"config: {result.model_path.with_suffix('.json')}")
+    for v in result.validation:
+        b, a = v["before"], v["after"]
+        print(
+            f"validation {Path(v['results']).name}: cell F1 {b['f1']:.3f} -> {a['f1']:.3f}, "
+            f"count {b['count_error']:+.1%} -> {a['count_error']:+.1%} "
+            f"({a['n_reviewed']} reviewed cells)"
+        )
+    print(f"use it: {PROG} run SLIDES... --model {result.model_path}")
     return 0
 
 
@@ -925,9 +991,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--steps",
         type=_positive_int,
-        default=3000,
+        default=None,
         metavar="N",
-        help="optimisation steps (default: %(default)s)",
+        help="optimisation steps (default: 3000; 300 with --from-reviews)",
     )
     train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     train.add_argument(
@@ -970,6 +1036,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMES",
         help="appearance families held out of training, e.g. her2_pattern,dtype,layout "
         "(for leave-family-out evaluation)",
+    )
+    train.add_argument(
+        "--from-reviews",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="RESULTS",
+        help="fine-tune on the reviews (corrections.jsonl) of these result folders, or of "
+        "every reviewed slide of a results folder; starts from --from-model (default: the "
+        "shipped model)",
+    )
+    train.add_argument(
+        "--validate-on",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="RESULTS",
+        help="with --from-reviews: reviewed slides NOT used for training; prints the cell F1 "
+        "against their reviews before and after",
+    )
+    train.add_argument(
+        "--synthetic-share",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="with --from-reviews: share of each batch from generated slides of the house "
+        "style, so the network keeps what it knew (default: %(default)s; 0 for none)",
     )
     train.set_defaults(handler=_run_train)
 

@@ -99,6 +99,22 @@ class CohortResult:
     warnings: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
 
+    def review_line(self) -> str:
+        """How much of the study was reviewed by hand, in one sentence."""
+        s = self.sections
+        if len(s) == 0 or "reviewed_corrections" not in s:
+            return "review: no sections"
+        corrections = s["reviewed_corrections"].fillna(0).astype(int)
+        cells = s.get("reviewed_cell_edits", pd.Series(0, index=s.index)).fillna(0).astype(int)
+        added = s.get("reviewed_cells_added", pd.Series(0, index=s.index)).fillna(0).astype(int)
+        deleted = s.get("reviewed_cells_deleted", pd.Series(0, index=s.index)).fillna(0)
+        return (
+            f"review: {int((corrections > 0).sum())} of {len(s)} sections reviewed "
+            f"({int(corrections.sum())} corrections; {int(added.sum())} cells added, "
+            f"{int(deleted.sum())} deleted, {int(cells.sum() - added.sum() - deleted.sum())} "
+            "Ki67 calls changed by hand)"
+        )
+
     def headline(self, metric: str = "her2_cells_per_mm2") -> list[str]:
         """One sentence per time point: the fold change and its p-value for `metric`."""
         out = []
@@ -285,6 +301,10 @@ def load_sections(
         # nobody has reviewed them: one way of counting for both.
         counts = session.counts()
         row["reviewed_corrections"] = session.n_corrections
+        edits = session.cell_edit_counts()
+        row["reviewed_cell_edits"] = sum(edits.values())
+        row["reviewed_cells_added"] = edits["add_cell"]
+        row["reviewed_cells_deleted"] = edits["delete_cell"]
         if session.unmatched:
             warnings.append(
                 f"{r.slide}: {len(session.unmatched)} review correction(s) match no lesion "

@@ -238,14 +238,22 @@ def detect_cells_unet(
     d_i, h_i = roles["DAPI"], roles["HER2"]
     dapi = block(d_i)
     nucleus = np.where(dapi > config.nucleus_threshold * stain.nuclear[d_i], regions, 0)
-    her2_mean, cell_px = means(block(h_i), regions)
+    her2 = block(h_i)
+    her2_mean, cell_px = means(her2, regions)
     dapi_mean, nuc_px = means(dapi, nucleus)
     area = (factor * pixel_size_um) ** 2
-    ki67_mean = np.nan
+    ki67_mean = her2_nucleus = ki67_cyto = her2_cyto = np.nan
     if has_ki67:
+        from scipy import ndimage as ndi
+
         # Ki67 is nuclear: its mean over the nucleus, or over the cell where no nucleus was seen.
         k = block(roles["Ki67"])
         ki67_mean = np.where(nuc_px > 0, means(k, nucleus)[0], means(k, regions)[0])
+        her2_nucleus = np.where(nuc_px > 0, means(her2, nucleus)[0], np.nan)
+        cyto = np.where(ndi.binary_dilation(nucleus > 0), 0, regions)
+        ki67_cyto, cyto_px = means(k, cyto)
+        her2_cyto = np.where(cyto_px > 0, means(her2, cyto)[0], np.nan)
+        ki67_cyto = np.where(cyto_px > 0, ki67_cyto, np.nan)
     out = pd.DataFrame(
         {
             "x_px": cells["x_px"].to_numpy(),
@@ -256,6 +264,9 @@ def detect_cells_unet(
             "ki67_mean": ki67_mean,
             "ki67_pos": cells["ki67_pos"].array,
             "dapi_mean": dapi_mean,
+            "her2_nucleus_mean": her2_nucleus,
+            "ki67_cytoplasm_mean": ki67_cyto,
+            "her2_cytoplasm_mean": her2_cyto,
             "nucleus_area_um2": nuc_px * area,
             "cell_area_um2": cell_px * area,
         }

@@ -48,6 +48,7 @@ CELL_OUTPUT_COLUMNS = [
     "her2_ratio",
     "her2_coverage",
     "ki67_mean",
+    "ki67_raw_mean",
     "dapi_mean",
 ]
 
@@ -243,12 +244,18 @@ def marker_thresholds(
     populations of the nuclear Ki67 of the windows' nuclei and of the candidate cells, or of
     the candidate cells alone where they show both.
 
+    Ki67 is calibrated (and called) after taking out of every nucleus the HER2 seen through
+    the Ki67 filter, measured on the slide (`_compensate_ki67`).
+
     Returns
     -------
-    dict
+    thresholds : dict
         Marker role -> `histo.markers.MarkerThreshold` (``"HER2"``, and ``"Ki67"`` when it
         was imaged). Where the tissue holds too few nuclei to calibrate, the entry's method
         says so and its threshold is None: the detector's own calls are kept.
+    cells : pandas.DataFrame
+        `cells` with ``ki67_mean`` compensated for bleed-through and the measured value as
+        ``ki67_raw_mean``.
     """
     from dataclasses import replace
 
@@ -307,18 +314,80 @@ def marker_thresholds(
     if "Ki67" in slide.roles:
         # Always calibrated (a second or less), so that a user's or the detector's choice can
         # be compared with it and `lungmets rethreshold --ki67-threshold auto` can return to it.
-        values = nuclear_means(windows, offset, d, slide.roles["Ki67"], **common)
+        k = slide.roles["Ki67"]
+        values = nuclear_means(windows, offset, d, k, **common)
+        values, cells, compensation = _compensate_ki67(
+            windows, offset, stain, slide.roles, common, values, cells
+        )
         own = cells["ki67_mean"].to_numpy(np.float64) if len(cells) else np.zeros(0)
         own = own[np.isfinite(own)]
         auto = calibrated("Ki67", np.r_[values, own], cells=own)
-        auto = replace(auto, histogram=histogram(values, own, unit=unit(slide.roles["Ki67"])))
+        auto = replace(
+            auto,
+            histogram=histogram(values, own, unit=unit(k)),
+            compensation=compensation,
+        )
         if config.ki67_threshold == "detector":
             out["Ki67"] = auto.not_applied()
         elif not isinstance(config.ki67_threshold, str):
             out["Ki67"] = user_threshold("Ki67", config.ki67_threshold, calibrated=auto)
         else:
             out["Ki67"] = auto
-    return out
+    if "ki67_raw_mean" not in cells:
+        cells = cells.assign(ki67_raw_mean=cells["ki67_mean"])
+    return out, cells.drop(columns=[c for c in _BLEED_COLUMNS if c in cells])
+
+
+#: Per-cell measurements of the detector that serve only to measure bleed-through.
+_BLEED_COLUMNS = ("her2_nucleus_mean", "ki67_cytoplasm_mean", "her2_cytoplasm_mean")
+
+
+def _compensate_ki67(windows, offset, stain, roles, common, values, cells):
+    """The windows' nuclear Ki67 and the cells' ``ki67_mean`` without HER2's bleed-through
+    (`histo.markers.compensate_ki67`), the cells' measured value kept as ``ki67_raw_mean``,
+    and what was taken out (a dict for `MarkerThreshold.compensation`).
+
+    HER2 into Ki67 is measured where Ki67 is absent and HER2 bright: the cytoplasm of the
+    candidate cells with a nucleus (the Ki67 of that nucleus, which blurs into its cytoplasm,
+    as a second term); DAPI into HER2 from the floor of HER2 over the slide's nuclei (those
+    without HER2 of their own), at every level of DAPI (`histo.markers.floor_spillover`).
+    """
+    from .markers import compensate_ki67, floor_spillover, nuclear_means, spillover
+
+    cells = cells.copy()
+    cells["ki67_raw_mean"] = cells.get("ki67_mean", np.nan)
+    if not set(_BLEED_COLUMNS) <= set(cells.columns):
+        return values, cells, {"note": "not measured by this detector"}
+    d, h = roles["DAPI"], roles["HER2"]
+    her2_nuc = nuclear_means(windows, offset, d, h, **common)
+    dapi_nuc = nuclear_means(windows, offset, d, d, **common)
+    has_nucleus = np.isfinite(cells["her2_nucleus_mean"].to_numpy(np.float64))
+    own = cells[has_nucleus]
+    into_ki67 = spillover(
+        own["ki67_cytoplasm_mean"], own["her2_cytoplasm_mean"], blur=own["ki67_mean"]
+    )
+    into_her2 = floor_spillover(her2_nuc, dapi_nuc)
+    her2_into_ki67 = None if into_ki67 is None else into_ki67[0]
+    dapi_into_her2 = 0.0 if into_her2 is None else into_her2[0]
+    out = {
+        "her2_into_ki67": round(her2_into_ki67 or 0.0, 4),
+        "her2_into_ki67_se": None if into_ki67 is None else round(into_ki67[1], 4),
+        "dapi_into_her2": round(dapi_into_her2, 4),
+        "n_cells": int(len(own)),
+        "n_nuclei": int(len(her2_nuc)),
+    }
+    if her2_into_ki67 is None:
+        out["note"] = "too few cells to measure HER2 in Ki67; nothing taken out"
+        return values, cells, out
+    if her2_into_ki67 == 0.0:
+        return values, cells, out
+    kw = {"her2_into_ki67": her2_into_ki67, "dapi_into_her2": dapi_into_her2}
+    values = compensate_ki67(values, her2_nuc, dapi_nuc, **kw)
+    corrected = compensate_ki67(
+        cells["ki67_mean"], cells["her2_nucleus_mean"], cells["dapi_mean"], **kw
+    )
+    cells["ki67_mean"] = np.where(has_nucleus, corrected, cells["ki67_mean"])
+    return values, cells, out
 
 
 def iter_analyze_slide(
@@ -414,7 +483,7 @@ def iter_analyze_slide(
     found = [p for p in parts if len(p)]
     # Every chunk returns a table with the detector's columns, empty ones included.
     cells = pd.concat(found, ignore_index=True) if found else parts[0]
-    markers = marker_thresholds(slide, mask_whole, mask_px, stain, config, cells)
+    markers, cells = marker_thresholds(slide, mask_whole, mask_px, stain, config, cells)
     cells = apply_thresholds(cells, markers)
     cells, lesions = group_lesions(cells, config)
     extra = [c for c in cells.columns if c not in CELL_OUTPUT_COLUMNS]

@@ -186,7 +186,8 @@ def render_html(result: CohortResult, pngs: dict[str, str]) -> str:
         f"<p class='muted'>{len(result.sections)} sections from {mice['mouse'].nunique()} mice "
         f"({html.escape(groups)}) at {dpis} days post infection. Control group: "
         f"<b>{html.escape(result.control)}</b>. Unit of statistics: the mouse (sections "
-        f"pooled). lungmets {__version__}.</p>",
+        f"pooled). lungmets {__version__}. Counts as reviewed by hand where a section was "
+        f"({html.escape(result.review_line().removeprefix('review: '))}).</p>",
         "<h2>Did infection wake the dormant cells?</h2><div class='headline'><ul>",
     ]
     for metric in ("her2_cells_per_mm2", "dormant_per_mm2", "focus_per_mm2"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._version import ANALYSIS_REVISION
 from .config import AnalysisConfig
 from .errors import InputError
 from .lesions import group_lesions
@@ -131,6 +132,8 @@ def _renewed_key(summary: dict, ki67_threshold) -> str | None:
     checksum = (summary.get("input") or {}).get("sha256")
     if inputs is None or checksum is None or "parameters" not in inputs:
         return None
+    if inputs.get("analysis_revision") != ANALYSIS_REVISION:
+        return None  # measured by an older analysis: a fresh run would differ
     inputs["parameters"]["ki67_threshold"] = ki67_threshold
     known = AnalysisConfig.__dataclass_fields__
     config = AnalysisConfig(**{k: v for k, v in inputs["parameters"].items() if k in known})

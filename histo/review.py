@@ -39,9 +39,13 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "corrections.jsonl"
 REVIEW_CLASSES = ("dormant", "single", "cluster", "focus")
-STATUSES = ("unreviewed", "accepted", "corrected", "rejected")
+STATUSES = ("unreviewed", "accepted", "corrected", "rejected", "edited")
 #: A journal entry from an earlier analysis applies to the nearest lesion within this distance.
 MATCH_UM = 15.0
+#: ... and a cell's to the nearest cell within this distance (about a nucleus' radius).
+CELL_MATCH_UM = 4.0
+#: Journal actions on single cells.
+CELL_ACTIONS = ("add_cell", "delete_cell", "set_cell_ki67")
 
 
 def initial_review_class(lesions: pd.DataFrame) -> pd.Series:
@@ -58,7 +62,8 @@ class Correction:
     """One line of the journal."""
 
     seq: int
-    action: str  # set_class, reject, accept, set_ki67_threshold, undo
+    action: str  # set_class, reject, accept, set_ki67_threshold, add_cell, delete_cell,
+    # set_cell_ki67, complete_region, undo
     lesion_id: int | None
     before: dict | None = None
     after: dict | None = None
@@ -82,26 +87,33 @@ def _user() -> str:
 
 @dataclass
 class ReviewSession:
-    """The lesions of one result folder with the journal's corrections applied.
+    """The lesions (and cells) of one result folder with the journal's corrections applied.
 
     Parameters
     ----------
     folder : path-like
-        A slide's results (``lesions.csv``, ``summary.json``; ``corrections.jsonl`` if any).
+        A slide's results (``lesions.csv``, ``cells.csv``, ``summary.json``;
+        ``corrections.jsonl`` if any).
     user : str, optional
         Recorded with each new correction (default: the login name).
 
     Attributes
     ----------
     lesions : pandas.DataFrame
-        ``lesions.csv`` plus ``review_class`` and ``status``.
+        ``lesions.csv`` plus ``review_class`` and ``status``; lesions whose cells were edited
+        by hand replaced by the lesions the linking rule makes of the reviewed cells
+        (status ``edited``, new ids).
     unmatched : list of Correction
-        Journal entries that match no lesion of the current tables.
+        Journal entries that match no lesion (or cell) of the current tables.
+    complete_regions : list of tuple
+        Boxes ``(x0_um, y0_um, x1_um, y1_um)`` marked as reviewed completely: inside them,
+        the cells left are confirmed and there is no other.
 
     Examples
     --------
     >>> s = ReviewSession("results/lung_IAV_d15")  # doctest: +SKIP
     >>> s.set_class(12, "focus"); s.reject(3); s.undo()  # doctest: +SKIP
+    >>> s.add_cell(1520.0, 884.5); s.delete_cell(311)  # doctest: +SKIP
     >>> s.counts()["focus"]  # doctest: +SKIP
     """
 
@@ -109,14 +121,20 @@ class ReviewSession:
     user: str = field(default_factory=_user)
     lesions: pd.DataFrame = field(init=False, repr=False)
     unmatched: list = field(init=False, default_factory=list)
+    complete_regions: list = field(init=False, default_factory=list)
     _history: list = field(init=False, default_factory=list, repr=False)
+    _entries: list = field(init=False, default_factory=list, repr=False)
     _seq: int = field(init=False, default=0)
     _run_key: str | None = field(init=False, default=None)
     _has_ki67: bool | None = field(init=False, default=None)
     _summary: dict = field(init=False, default_factory=dict, repr=False)
+    _base_lesions: pd.DataFrame | None = field(init=False, default=None, repr=False)
+    _base_cells: pd.DataFrame | None = field(init=False, default=None, repr=False)
     _cells: pd.DataFrame | None = field(init=False, default=None, repr=False)
     _analysed: pd.DataFrame | None = field(init=False, default=None, repr=False)
     _ki67_threshold: float | None = field(init=False, default=None)
+    _next_lesion_id: int = field(init=False, default=1)
+    _next_cell_id: int = field(init=False, default=1)
 
     def __post_init__(self):
         self.folder = Path(self.folder)
@@ -126,26 +144,42 @@ class ReviewSession:
                 f"{self.folder}: not a lungmets result folder (no lesions.csv); "
                 "run 'lungmets run' on the slide first"
             )
-        lesions = pd.read_csv(path)
-        lesions["review_class"] = initial_review_class(lesions)
-        lesions["status"] = "unreviewed"
-        self.lesions = lesions.set_index("lesion_id", drop=False)
-        self.lesions.index.name = None
+        self._base_lesions = pd.read_csv(path)
         try:
             summary = json.loads((self.folder / "summary.json").read_text())
         except (OSError, ValueError):
             summary = {}
         self._summary = summary
-        self._analysed = lesions[["lesion_id", "n_ki67_pos", "review_class"]].copy()
-        self._analysed.index = self.lesions.index
         self._run_key = summary.get("run_key")
         roles = summary.get("input", {}).get("roles")
         self._has_ki67 = None if roles is None else "Ki67" in roles
-        for c in read_journal(self.folder / JOURNAL):
-            self._replay(c)
-            self._seq = max(self._seq, c.seq)
+        self._entries = read_journal(self.folder / JOURNAL)
+        self._seq = max((c.seq for c in self._entries), default=0)
+        self._rebuild()
 
     # ----------------------------------------------------------------- journal replay
+
+    def _reset(self) -> None:
+        """The state as the analysis left it."""
+        lesions = self._base_lesions.copy()
+        lesions["review_class"] = initial_review_class(lesions)
+        lesions["status"] = "unreviewed"
+        self.lesions = lesions.set_index("lesion_id", drop=False)
+        self.lesions.index.name = None
+        self._analysed = lesions[["lesion_id", "n_ki67_pos", "review_class"]].copy()
+        self._analysed.index = self.lesions.index
+        self._cells = None
+        self._ki67_threshold = None
+        self._next_lesion_id = int(lesions["lesion_id"].max()) + 1 if len(lesions) else 1
+        self._history, self.unmatched, self.complete_regions = [], [], []
+
+    def _rebuild(self) -> None:
+        """Replay the journal's corrections in force (undone ones left out) on the analysis."""
+        self._reset()
+        undone = {c.undoes for c in self._entries if c.action == "undo"}
+        for c in self._entries:
+            if c.action != "undo" and c.seq not in undone:
+                self._replay(c)
 
     def _locate(self, c: Correction):
         if c.lesion_id is None:
@@ -159,19 +193,18 @@ class ReviewSession:
         return self.lesions.index[i] if d.iloc[i] <= MATCH_UM else None
 
     def _replay(self, c: Correction) -> None:
-        if c.action == "undo":
-            for k in range(len(self._history) - 1, -1, -1):
-                done, lid = self._history[k]
-                if done.seq == c.undoes:
-                    if done.action == "set_ki67_threshold":
-                        self._apply_ki67((done.before or {}).get("ki67_threshold"))
-                    else:
-                        self._set(lid, done.before)
-                    del self._history[k]
-                    return
-            return
         if c.action == "set_ki67_threshold":
             self._apply_ki67((c.after or {}).get("ki67_threshold"))
+            self._history.append((c, None))
+            return
+        if c.action in CELL_ACTIONS:
+            if self._replay_cell(c):
+                self._history.append((c, None))
+            else:
+                self.unmatched.append(c)
+            return
+        if c.action == "complete_region":
+            self.complete_regions.append(tuple(float(v) for v in c.after["box_um"]))
             self._history.append((c, None))
             return
         lid = self._locate(c)
@@ -219,7 +252,15 @@ class ReviewSession:
             **extra,
         )
         append_journal(self.folder / JOURNAL, c)
-        self._replay(c)
+        self._entries.append(c)
+        if action != "undo":
+            self._replay(c)
+        elif self._history and self._history[-1][1] is not None:
+            # A lesion's class or status: put its state back (fast, for long reviews).
+            done, lid = self._history.pop()
+            self._set(lid, done.before)
+        else:  # cells, regions, thresholds: replay the journal without it
+            self._rebuild()
         return c
 
     def set_class(self, lesion_id: int, review_class: str) -> Correction:
@@ -241,17 +282,303 @@ class ReviewSession:
         return self._record("accept", lesion_id, {"review_class": cls, "status": "accepted"})
 
     def undo(self) -> Correction | None:
-        """Take back the latest correction still in force; None if there is none."""
+        """Take back the latest correction still in force; None if there is none.
+
+        The session is then replayed from the journal without it, so a cell added, deleted or
+        re-called, a region, a class or a threshold are all undone alike."""
         if not self._history:
             return None
         done, lid = self._history[-1]
         return self._commit(
             "undo",
             None if lid is None else int(lid),
-            {"ki67_threshold": self._ki67_threshold} if lid is None else self._state(lid),
-            dict(done.before),
+            None if lid is None else self._state(lid),
+            None if done.before is None else dict(done.before),
             undoes=done.seq,
+            x_um=done.x_um,
+            y_um=done.y_um,
         )
+
+    # ----------------------------------------------------------------- cells
+
+    @property
+    def config(self):
+        """The analysis' settings (`histo.config.AnalysisConfig`) that link cells to lesions."""
+        from .config import AnalysisConfig
+
+        params = self._summary.get("parameters") or {}
+        keep = ("link_distance_um", "cluster_min_cells", "focus_min_cells")
+        return AnalysisConfig(**{k: params[k] for k in keep if k in params})
+
+    @property
+    def cells(self) -> pd.DataFrame:
+        """The reviewed cells: the analysis' cells (``cells.csv``) and those added by hand,
+        with ``review`` (``analysed``, ``added`` or ``deleted``), ``ki67_by_hand`` (the
+        Ki67 call was set in review) and ``ki67_pos`` as in force; deleted cells have lesion
+        id 0. Indexed by cell_id."""
+        return self._ensure_cells()
+
+    def _read_cells(self) -> pd.DataFrame:
+        if self._base_cells is None:
+            path = self.folder / "cells.csv"
+            if not path.is_file():
+                raise InputError(f"{self.folder}: no cells.csv; analyse the slide again")
+            self._base_cells = pd.read_csv(path)
+        return self._base_cells
+
+    def _ensure_cells(self) -> pd.DataFrame:
+        if self._cells is None:
+            cells = self._read_cells().copy()
+            cells["ki67_analysed"] = cells["ki67_pos"].astype("boolean")
+            cells["review"] = "analysed"
+            cells["ki67_by_hand"] = False
+            cells = cells.set_index("cell_id", drop=False)
+            cells.index.name = None
+            self._cells = cells
+            self._next_cell_id = int(cells["cell_id"].max()) + 1 if len(cells) else 1
+            self._refresh_ki67()
+        return self._cells
+
+    def _find_cell(self, c: Correction):
+        """The live cell a journal entry names: by id within the same run, else the nearest
+        within `CELL_MATCH_UM` of its position."""
+        cells = self._ensure_cells()
+        live = cells[cells["review"] != "deleted"]
+        cid = (c.before or {}).get("cell_id")
+        if cid in live.index and (c.run_key is None or c.run_key == self._run_key):
+            return cid
+        if c.x_um is None or len(live) == 0:
+            return None
+        d = np.hypot(live["x_um"] - c.x_um, live["y_um"] - c.y_um).to_numpy()
+        i = int(np.argmin(d))
+        return live.index[i] if d[i] <= CELL_MATCH_UM else None
+
+    def _replay_cell(self, c: Correction) -> bool:
+        cells = self._ensure_cells()
+        if c.action == "add_cell":
+            cid = self._next_cell_id
+            self._next_cell_id += 1
+            ki67 = pd.array([(c.after or {}).get("ki67_pos")], dtype="boolean")
+            new = pd.DataFrame(
+                {
+                    "cell_id": [cid],
+                    "lesion_id": [0],
+                    "x_um": [float(c.x_um)],
+                    "y_um": [float(c.y_um)],
+                    "ki67_pos": ki67,
+                    "ki67_analysed": ki67,
+                    "review": ["added"],
+                    "ki67_by_hand": [True],
+                },
+                index=[cid],
+            )
+            self._cells = pd.concat([cells, new])  # the measurements of an added cell: NaN
+            self._relink([cid])
+            return True
+        cid = self._find_cell(c)
+        if cid is None:
+            return False
+        if c.action == "delete_cell":
+            lesion = int(cells.loc[cid, "lesion_id"])
+            cells.loc[cid, "review"] = "deleted"
+            cells.loc[cid, "lesion_id"] = 0
+            self._relink([], lesions=[lesion])
+        else:  # set_cell_ki67
+            cells.loc[cid, "ki67_analysed"] = bool(c.after["ki67_pos"])
+            cells.loc[cid, "ki67_by_hand"] = True
+            self._refresh_ki67()
+        return True
+
+    def _relink(self, new_cells: list, lesions: list = ()) -> None:
+        """Re-derive the lesions touched by a cell edit from the reviewed cells, by the
+        analysis' linking rule: the lesions in `lesions` and those within the link distance
+        of `new_cells` are replaced by the groups their live cells now make (new ids, status
+        ``edited``; their class follows the cells)."""
+        from .lesions import lesion_class, link_cells
+
+        cells = self._cells
+        cfg = self.config
+        live = cells[cells["review"] != "deleted"]
+        touched = {int(v) for v in lesions}
+        for cid in new_cells:
+            x, y = cells.loc[cid, "x_um"], cells.loc[cid, "y_um"]
+            near = np.hypot(live["x_um"] - x, live["y_um"] - y).to_numpy() <= cfg.link_distance_um
+            touched |= {int(v) for v in live.loc[near, "lesion_id"]}
+        touched.discard(0)
+        members = live[live["lesion_id"].isin(touched) | live.index.isin(new_cells)]
+        self.lesions = self.lesions.drop(index=[t for t in touched if t in self.lesions.index])
+        if len(members) == 0:
+            self._refresh_ki67()
+            return
+        groups = link_cells(members, cfg.link_distance_um)
+        rows = []
+        for g in np.unique(groups):
+            part = members[groups == g]
+            lid = self._next_lesion_id
+            self._next_lesion_id += 1
+            cells.loc[part.index, "lesion_id"] = lid
+            n = len(part)
+            rows.append(
+                {
+                    "lesion_id": lid,
+                    "x_um": float(part["x_um"].mean()),
+                    "y_um": float(part["y_um"].mean()),
+                    "n_cells": n,
+                    "class": str(lesion_class(n, cfg.cluster_min_cells, cfg.focus_min_cells)),
+                    "area_um2": float(np.nansum(part.get("cell_area_um2", np.nan))),
+                    "her2_mean": float(np.nanmean(part["her2_mean"]))
+                    if part["her2_mean"].notna().any()
+                    else np.nan,
+                    "status": "edited",
+                }
+            )
+        new = pd.DataFrame(rows).set_index("lesion_id", drop=False)
+        new.index.name = None
+        if not self._ki67_imaged():
+            new["n_ki67_pos"] = pd.array([pd.NA] * len(new), dtype="Int64")
+            new["dormant"] = pd.array([pd.NA] * len(new), dtype="boolean")
+            new["review_class"] = new["class"]
+        self.lesions = pd.concat([self.lesions, new])
+        self._refresh_ki67()
+
+    def _refresh_ki67(self) -> None:
+        """Cells' Ki67 in force (by hand, else the threshold in force, else the analysis'),
+        and from them each lesion's Ki67+ count and, unless set by hand, its class."""
+        cells = self._cells
+        if cells is None:
+            return
+        call = cells["ki67_analysed"].astype("boolean").copy()
+        if self._ki67_threshold is not None and "ki67_mean" in cells:
+            v = cells["ki67_mean"].to_numpy(np.float64)
+            by_threshold = pd.array(v >= self._ki67_threshold, dtype="boolean")
+            by_threshold[np.isnan(v)] = pd.NA
+            auto = ~cells["ki67_by_hand"].to_numpy(bool)
+            call[auto] = by_threshold[auto]
+        cells["ki67_pos"] = call
+        self._derive_lesion_ki67()
+
+    def _derive_lesion_ki67(self) -> None:
+        cells, lesions = self._cells, self.lesions
+        if not self._ki67_imaged():
+            return
+        live = cells[cells["review"] != "deleted"]
+        n_pos = live.groupby("lesion_id")["ki67_pos"].sum()
+        lesions["n_ki67_pos"] = n_pos.reindex(lesions.index).fillna(0).astype(int).to_numpy()
+        single = lesions["n_cells"] == 1
+        lesions["dormant"] = single & (lesions["n_ki67_pos"] == 0)
+        auto = pd.Series(lesion_class_of(lesions, self.config), index=lesions.index, dtype=object)
+        # A class a scientist set by hand stays; the others follow the cells.
+        keep = lesions["status"] == "corrected"
+        lesions.loc[~keep, "review_class"] = auto[~keep]
+
+    @property
+    def has_ki67(self) -> bool:
+        """Whether the slide had a Ki67 channel (cells then carry a Ki67 call)."""
+        return self._ki67_imaged()
+
+    def _ki67_imaged(self) -> bool:
+        if self._has_ki67 is not None:
+            return self._has_ki67
+        cells = self._read_cells()
+        return bool(len(cells) and cells["ki67_pos"].notna().any())
+
+    def add_cell(self, x_um: float, y_um: float, ki67_pos: bool | None = False) -> Correction:
+        """Add a cell the analysis missed, at its nucleus (um), with its Ki67 status (None
+        without Ki67). Lesions within the link distance join it."""
+        self._ensure_cells()
+        if not (np.isfinite(x_um) and np.isfinite(y_um)):
+            raise ValueError(f"a cell's position must be finite, got ({x_um}, {y_um})")
+        return self._commit(
+            "add_cell",
+            None,
+            None,
+            {"ki67_pos": None if ki67_pos is None else bool(ki67_pos)},
+            x_um=float(x_um),
+            y_um=float(y_um),
+        )
+
+    def delete_cell(self, cell_id: int) -> Correction:
+        """Delete a cell (a false positive); its lesion is re-derived from the cells left
+        (it may split, or go)."""
+        row = self._live_cell(cell_id)
+        return self._commit(
+            "delete_cell",
+            None,
+            {"cell_id": int(cell_id), "ki67_pos": _na_to_none(row["ki67_pos"])},
+            None,
+            x_um=float(row["x_um"]),
+            y_um=float(row["y_um"]),
+        )
+
+    def set_cell_ki67(self, cell_id: int, ki67_pos: bool) -> Correction:
+        """Set a cell's Ki67 status by hand (it then stays, whatever the threshold)."""
+        row = self._live_cell(cell_id)
+        return self._commit(
+            "set_cell_ki67",
+            None,
+            {"cell_id": int(cell_id), "ki67_pos": _na_to_none(row["ki67_pos"])},
+            {"ki67_pos": bool(ki67_pos)},
+            x_um=float(row["x_um"]),
+            y_um=float(row["y_um"]),
+        )
+
+    def toggle_cell_ki67(self, cell_id: int) -> Correction:
+        """Call a cell's Ki67 the other way (an unknown status becomes positive)."""
+        now = self._live_cell(cell_id)["ki67_pos"]
+        return self.set_cell_ki67(cell_id, not (bool(now) if not pd.isna(now) else False))
+
+    def mark_complete(self, x0_um: float, y0_um: float, x1_um: float, y1_um: float) -> Correction:
+        """Mark a box (um) as reviewed completely: every cell in it is confirmed, and there
+        is no other (what fine-tuning takes as certain negatives)."""
+        box = [min(x0_um, x1_um), min(y0_um, y1_um), max(x0_um, x1_um), max(y0_um, y1_um)]
+        if not all(np.isfinite(box)) or box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
+            raise ValueError(f"a region needs a width and a height, got {box}")
+        return self._commit(
+            "complete_region",
+            None,
+            None,
+            {"box_um": [float(v) for v in box]},
+            x_um=0.5 * (box[0] + box[2]),
+            y_um=0.5 * (box[1] + box[3]),
+        )
+
+    def _live_cell(self, cell_id):
+        cells = self._ensure_cells()
+        if cell_id not in cells.index or cells.loc[cell_id, "review"] == "deleted":
+            raise KeyError(f"no cell {cell_id} in {self.folder}")
+        return cells.loc[cell_id]
+
+    def cell_at(self, x_um: float, y_um: float, within_um: float = CELL_MATCH_UM):
+        """The id of the live cell nearest to a point, or None beyond `within_um`."""
+        cells = self._ensure_cells()
+        live = cells[cells["review"] != "deleted"]
+        if len(live) == 0:
+            return None
+        d = np.hypot(live["x_um"] - x_um, live["y_um"] - y_um).to_numpy()
+        i = int(np.argmin(d))
+        return int(live.index[i]) if d[i] <= within_um else None
+
+    def reviewed_cells(self) -> pd.DataFrame:
+        """The cells that count after review (deleted ones left out, added ones in), with
+        the Ki67 call in force, one row each (for a cells layer or a table)."""
+        if self._cells is None:
+            return self._read_cells().copy()
+        cells = self._cells
+        return cells[cells["review"] != "deleted"].reset_index(drop=True)
+
+    @property
+    def n_cell_edits(self) -> int:
+        """Cells added, deleted or re-called in review (in force)."""
+        return sum(self.cell_edit_counts().values())
+
+    def cell_edit_counts(self) -> dict:
+        """How many cells were added (``add_cell``), deleted (``delete_cell``) and given a
+        Ki67 call by hand (``set_cell_ki67``) in review (in force)."""
+        out = dict.fromkeys(CELL_ACTIONS, 0)
+        for c, _ in self._history:
+            if c.action in out:
+                out[c.action] += 1
+        return out
 
     # ----------------------------------------------------------------- Ki67 threshold
 
@@ -284,43 +611,31 @@ class ReviewSession:
         return run.get("histogram") or (run.get("calibrated") or {}).get("histogram")
 
     def _load_cells(self) -> pd.DataFrame:
-        if self._cells is None:
-            path = self.folder / "cells.csv"
-            if not path.is_file():
-                raise InputError(f"{self.folder}: no cells.csv; analyse the slide again")
-            cells = pd.read_csv(path)
-            if "ki67_mean" not in cells:
-                raise InputError(f"{path}: no Ki67 intensities (ki67_mean); no Ki67 to threshold")
-            self._cells = cells
-        return self._cells
+        cells = self._read_cells()
+        if "ki67_mean" not in cells:
+            raise InputError(
+                f"{self.folder / 'cells.csv'}: no Ki67 intensities (ki67_mean); no Ki67 to "
+                "threshold"
+            )
+        return self._ensure_cells()
 
     def _ki67_state(self, threshold: float | None):
         """(lesions, cells) as they would be with `threshold` (None: as analysed)."""
-        lesions = self.lesions.copy()
-        cells = self._load_cells().copy()
-        if threshold is None:
-            lesions["n_ki67_pos"] = self._analysed["n_ki67_pos"]
-            auto = self._analysed["review_class"]
-        else:
-            from .markers import apply_threshold, user_threshold
-
-            cells = apply_threshold(cells, user_threshold("Ki67", threshold))
-            n_pos = cells.groupby("lesion_id")["ki67_pos"].sum()
-            lesions["n_ki67_pos"] = n_pos.reindex(lesions["lesion_id"]).fillna(0).astype(int).values
-            single = lesions["n_cells"] == 1
-            auto = self._analysed["review_class"].copy()
-            auto[single & (lesions["n_ki67_pos"] == 0)] = "dormant"
-            auto[single & (lesions["n_ki67_pos"] > 0)] = "single"
-        # A class a scientist set by hand stays; the others follow the threshold.
-        keep = lesions["status"] == "corrected"
-        lesions.loc[~keep, "review_class"] = auto[~keep]
-        return lesions, cells
+        self._load_cells()
+        saved = (self._ki67_threshold, self.lesions, self._cells)
+        try:  # on copies: the tables in force (shown in the Review widget) stay as they are
+            self.lesions, self._cells = self.lesions.copy(), self._cells.copy()
+            self._ki67_threshold = None if threshold is None else float(threshold)
+            self._refresh_ki67()
+            lesions, cells = self.lesions, self._cells
+        finally:
+            self._ki67_threshold, self.lesions, self._cells = saved
+        return lesions, cells[cells["review"] != "deleted"].reset_index(drop=True)
 
     def _apply_ki67(self, threshold: float | None) -> None:
-        lesions, _ = self._ki67_state(threshold)
-        self.lesions["n_ki67_pos"] = lesions["n_ki67_pos"]
-        self.lesions["review_class"] = lesions["review_class"]
+        self._load_cells()
         self._ki67_threshold = None if threshold is None else float(threshold)
+        self._refresh_ki67()
 
     def preview_ki67_threshold(self, threshold: float | None):
         """``(lesions, cells, counts)`` as they would be with `threshold`; nothing recorded."""
@@ -331,7 +646,7 @@ class ReviewSession:
         """Record a Ki67 threshold for this slide (counts; None: back to the analysis' own).
 
         Every lesion's Ki67+ count and dormancy follow it, except lesions whose class was set
-        by hand. Undone like any correction.
+        by hand and cells whose Ki67 was. Undone like any correction.
         """
         if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
             raise ValueError(f"a Ki67 threshold is a number of counts >= 0, got {threshold}")
@@ -365,6 +680,26 @@ class ReviewSession:
     def counts(self) -> dict:
         """Counts after review (rejected lesions left out), as in summary.json."""
         return reviewed_counts(self.lesions, self._has_ki67)
+
+
+def lesion_class_of(lesions: pd.DataFrame, config) -> np.ndarray:
+    """The review class the analysis' rule gives each lesion: its class by size, and single
+    Ki67- cells ``dormant``."""
+    from .lesions import lesion_class
+
+    n = lesions["n_cells"].to_numpy()
+    cls = np.asarray(
+        lesion_class(n, config.cluster_min_cells, config.focus_min_cells), dtype=object
+    )
+    dormant = (lesions["n_cells"].to_numpy() == 1) & (
+        pd.to_numeric(lesions["n_ki67_pos"], errors="coerce").fillna(-1).to_numpy() == 0
+    )
+    cls[dormant] = "dormant"
+    return cls
+
+
+def _na_to_none(v):
+    return None if pd.isna(v) else bool(v)
 
 
 def reviewed_counts(lesions: pd.DataFrame, has_ki67: bool | None = None) -> dict:

@@ -253,6 +253,7 @@ class CohortWidget(QWidget):
             b.setEnabled(True)
         n = len(result.mice)
         text = f"{n} mice, {len(result.sections)} sections; control: {result.control}"
+        text += "\n" + result.review_line()
         if result.warnings:
             text += "\n" + "\n".join(f"warning: {w}" for w in result.warnings)
         self.status_label.setText(text)

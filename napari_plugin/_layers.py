@@ -123,21 +123,26 @@ def lesions_layer(
     return coords, kwargs, "points"
 
 
-def cells_layer(
-    cells: pd.DataFrame, *, folder: str | Path | None, pixel_size_um: float, name: str
-) -> tuple:
-    """A points layer of HER2+ cells: magenta if Ki67+, cyan if not (white without Ki67)."""
-    coords = cells[["y_um", "x_um"]].to_numpy(float).reshape(-1, 2)
+def cell_colours(cells: pd.DataFrame) -> np.ndarray:
+    """Face colour (N, 4) of cells: magenta Ki67+, cyan Ki67-, white without Ki67."""
     ki67 = cells.get("ki67_pos", pd.Series(np.nan, index=cells.index))
     colours = np.tile(np.array([1.0, 1.0, 1.0, 1.0]), (len(cells), 1))
     known = ki67.notna().to_numpy()
     pos = ki67.map(lambda v: str(v).lower() in ("true", "1", "1.0")).to_numpy()
     colours[known & pos] = (1.0, 0.2, 1.0, 1.0)
     colours[known & ~pos] = (0.2, 0.9, 1.0, 1.0)
+    return colours
+
+
+def cells_layer(
+    cells: pd.DataFrame, *, folder: str | Path | None, pixel_size_um: float, name: str
+) -> tuple:
+    """A points layer of HER2+ cells: magenta if Ki67+, cyan if not (white without Ki67)."""
+    coords = cells[["y_um", "x_um"]].to_numpy(float).reshape(-1, 2)
     kwargs = {
         "name": f"{name} cells",
         "features": cells.reset_index(drop=True),
-        "face_color": colours,
+        "face_color": cell_colours(cells),
         "size": 6.0,
         "symbol": "disc",
         "units": ("um", "um"),
@@ -159,9 +164,7 @@ def result_layers(folder: str | Path) -> list[tuple]:
     summary = json.loads((folder / "summary.json").read_text())
     px = float(summary["input"]["pixel_size_um"])
     session = ReviewSession(folder)
-    cells = pd.read_csv(folder / "cells.csv")
-    if session.reviewed_ki67_threshold is not None:  # a threshold set in review
-        cells = session.preview_ki67_threshold(session.reviewed_ki67_threshold)[1]
+    cells = session.reviewed_cells()  # added cells in, deleted ones out, Ki67 as reviewed
     return [
         cells_layer(cells, folder=folder, pixel_size_um=px, name=folder.name),
         lesions_layer(session.lesions, folder=folder, pixel_size_um=px, name=folder.name),

@@ -28,7 +28,14 @@ from qtpy.QtWidgets import (
 )
 
 from ._layers import border_colours, lesion_colours
-from ._widget_util import refill_layer_box, result_layers_of
+from ._widget_util import (
+    SharedSessionMixin,
+    drop_session,
+    refill_layer_box,
+    result_layers_of,
+    session_hub,
+    shared_session,
+)
 
 #: Slider steps over the log range of the histogram.
 SLIDER_STEPS = 1000
@@ -36,7 +43,7 @@ KI67_POS = np.array([1.0, 0.2, 0.8, 1.0])  # magenta
 KI67_NEG = np.array([0.2, 0.9, 0.9, 1.0])  # cyan
 
 
-class MarkersWidget(QWidget):
+class MarkersWidget(SharedSessionMixin, QWidget):
     """Look at and set the Ki67 threshold of a lungmets result (a lesions layer).
 
     Parameters
@@ -98,6 +105,7 @@ class MarkersWidget(QWidget):
         self.layer_box.currentIndexChanged.connect(self._on_layer)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
+        session_hub().changed.connect(self._on_session_changed)
         self._refresh_layers()
 
     # ----------------------------------------------------------------- layers
@@ -107,14 +115,12 @@ class MarkersWidget(QWidget):
             self._on_layer()
 
     def _on_layer(self, index=None):
-        from histo.review import ReviewSession
-
         self.layer = self.layer_box.currentData()
         if self.layer is None:
             self.session = None
             return
         folder = self.layer.metadata["lungmets_results"]
-        self.session = ReviewSession(folder)
+        self.session = shared_session(folder)
         self.cells_layer = next(
             (
                 c
@@ -211,10 +217,12 @@ class MarkersWidget(QWidget):
         ax.legend(fontsize=7, frameon=False, loc="upper right")
         self.canvas.draw_idle()
         if run:
+            leak = (run.get("compensation") or {}).get("her2_into_ki67") or 0.0
             self.method_label.setText(
                 f"the slide's own threshold: {run.get('threshold', float('nan')):.0f} counts "
                 f"({run.get('method')}); negatives around {run.get('negative_median') or 0:.0f}, "
                 f"positives around {run.get('positive_median') or 0:.0f} (dotted, dashed)"
+                + (f"; {leak:.0%} of HER2 seen in Ki67 taken out first" if leak else "")
             )
 
     # ----------------------------------------------------------------- record
@@ -228,14 +236,22 @@ class MarkersWidget(QWidget):
             value = self.threshold
         c = self.session.set_ki67_threshold(value)
         self._show(self.session.ki67_threshold)
+        self._tell_others()
         return c
 
     def undo(self):
+        """Take back the slide's latest change (a threshold, or a lesion's class set in the
+        Review widget)."""
         if self.session is None:
             return None
         c = self.session.undo()
         self._show(self.session.ki67_threshold)
+        self._tell_others()
         return c
+
+    def _session_refreshed(self) -> None:
+        # A lesion reviewed (or a threshold set) in another widget: recount.
+        self._show(self.session.ki67_threshold)
 
     def apply_to_study(self, sheet_path) -> list:
         """Record the threshold shown for every slide of a sample sheet (their result folders
@@ -246,7 +262,12 @@ class MarkersWidget(QWidget):
 
         results_dir = Path(self.session.folder).parent
         folders = set_study_ki67_threshold(sheet_path, results_dir, self.threshold)
+        # Their journals were written behind the shared sessions' backs: read them again.
+        for folder in folders:
+            drop_session(folder)
         self._on_layer()
+        for folder in folders:
+            session_hub().changed.emit(str(Path(folder).resolve()))
         return folders
 
     def _ask_study(self):  # pragma: no cover - a file dialog

@@ -27,8 +27,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._layers import border_colours, lesion_colours
-from ._widget_util import refill_layer_box, result_layers_of
+from ._layers import border_colours, cell_colours, lesion_colours, lesion_sizes_um
+from ._widget_util import (
+    SharedSessionMixin,
+    refill_layer_box,
+    result_layers_of,
+    session_hub,
+    shared_session,
+)
 
 COLUMNS = (
     "lesion_id",
@@ -135,7 +141,7 @@ class _LesionTable(QTableView):
         super().keyPressEvent(event)
 
 
-class ReviewWidget(QWidget):
+class ReviewWidget(SharedSessionMixin, QWidget):
     """Review the lesions of a lungmets lesions layer; corrections go to the journal at once.
 
     Parameters
@@ -158,7 +164,7 @@ class ReviewWidget(QWidget):
         self.kind_box = QComboBox()
         self.kind_box.addItems(
             ["all", "dormant", "single", "cluster", "focus", "unreviewed", "accepted",
-             "corrected", "rejected"]
+             "corrected", "rejected", "edited"]
         )  # fmt: skip
         self.min_cells = QSpinBox()
         self.min_cells.setRange(0, 100000)
@@ -176,6 +182,10 @@ class ReviewWidget(QWidget):
             (Qt.Key.Key_Delete, False): self.reject,
             (Qt.Key.Key_N, False): self.next_unreviewed,
             (Qt.Key.Key_Z, True): self.undo,
+            (Qt.Key.Key_C, False): self.toggle_add_mode,
+            (Qt.Key.Key_X, False): self.delete_selected_cells,
+            (Qt.Key.Key_K, False): self.toggle_selected_ki67,
+            (Qt.Key.Key_V, False): self.mark_view_complete,
             **{
                 (getattr(Qt.Key, f"Key_{k}"), False): (lambda c=c: self.set_class(c))
                 for k, c in KEYS.items()
@@ -209,6 +219,31 @@ class ReviewWidget(QWidget):
             row2.addWidget(b)
             self.action_buttons[text.split()[0]] = b
 
+        row3 = QHBoxLayout()
+        self.add_button = QPushButton("add cells [C]")
+        self.add_button.setCheckable(True)
+        self.add_button.setToolTip(
+            "While on, a click on the slide adds a HER2+ cell there (at its nucleus); "
+            "Shift+click adds a Ki67+ one. Drag to pan as usual."
+        )
+        self.add_button.toggled.connect(self.set_add_mode)
+        row3.addWidget(self.add_button)
+        for text, fn, tip in (
+            ("delete cell [X]", self.delete_selected_cells, "delete the cells selected in the "
+             "cells layer (false positives)"),
+            ("Ki67 ± [K]", self.toggle_selected_ki67, "call the selected cells' Ki67 the "
+             "other way"),
+            ("view reviewed [V]", self.mark_view_complete, "every HER2+ cell in the current "
+             "view is marked, and nothing else is one"),
+        ):  # fmt: skip
+            b = QPushButton(text)
+            b.setToolTip(tip)
+            b.clicked.connect(lambda _=False, f=fn: f())
+            row3.addWidget(b)
+            self.action_buttons[text.split()[0]] = b
+        self.add_mode = False
+        self.cells_layer = None
+
         grid = QGridLayout()
         grid.addWidget(QLabel("lesions layer"), 0, 0)
         grid.addWidget(self.layer_box, 0, 1, 1, 3)
@@ -226,6 +261,8 @@ class ReviewWidget(QWidget):
         layout.addWidget(self.table)
         layout.addLayout(buttons)
         layout.addLayout(row2)
+        layout.addWidget(QLabel("cells:"))
+        layout.addLayout(row3)
 
         self.kind_box.currentTextChanged.connect(self._filter)
         self.min_cells.valueChanged.connect(self._filter)
@@ -234,6 +271,8 @@ class ReviewWidget(QWidget):
         self.layer_box.currentIndexChanged.connect(self._on_layer)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
+        session_hub().changed.connect(self._on_session_changed)
+        self.viewer.mouse_drag_callbacks.append(self._on_mouse)
         self._refresh_layers()
 
     # ----------------------------------------------------------------- layers
@@ -252,8 +291,6 @@ class ReviewWidget(QWidget):
 
     def set_layer(self, layer) -> None:
         """Review this lesions layer (its result folder's journal is replayed)."""
-        from histo.review import ReviewSession
-
         if layer is self.layer and layer is not None:
             return
         self.layer = layer
@@ -262,13 +299,24 @@ class ReviewWidget(QWidget):
             self.model.set_frame(None)
             self._update_counts()
             return
-        self.session = ReviewSession(layer.metadata["lungmets_results"])
-        lesions = self.session.lesions
+        self.session = shared_session(layer.metadata["lungmets_results"])
+        self._reload()
+
+    def _reload(self) -> None:
+        """Show the session's lesions in the table, the layer and the counts."""
+        lesions, layer = self.session.lesions, self.layer
         self._row_of = {lid: i for i, lid in enumerate(lesions.index)}
-        # The layer shows the session's state (the journal may have grown since it was read).
+        # The layer shows the session's state (the journal may have grown since it was read;
+        # cells edited by hand change the lesions themselves).
+        if len(layer.data) != len(lesions) or not np.allclose(
+            layer.data, lesions[["y_um", "x_um"]].to_numpy(float)
+        ):
+            layer.data = lesions[["y_um", "x_um"]].to_numpy(float).reshape(-1, 2)
+            layer.size = lesion_sizes_um(lesions)
         layer.features = lesions.reset_index(drop=True)
         layer.face_color = lesion_colours(lesions)
         layer.border_color = border_colours(lesions)
+        self._show_cells()
         self.model.set_frame(lesions)
         self._update_counts()
         self._blind(self.blind.isChecked())
@@ -326,6 +374,11 @@ class ReviewWidget(QWidget):
         self.layer.border_color = border
         self.model.update_row(row)
         self._update_counts()
+        self._tell_others()
+
+    def _session_refreshed(self) -> None:
+        # Another widget (the Markers widget's threshold) changed this slide's session.
+        self._reload()
 
     def set_class(self, review_class: str) -> None:
         """Give the selected lesion a class (dormant, single, cluster, focus)."""
@@ -350,6 +403,10 @@ class ReviewWidget(QWidget):
         """Take back the latest correction."""
         if self.session is not None:
             c = self.session.undo()
+            if c is not None and c.lesion_id is None:  # a threshold: every lesion may change
+                self._reload()
+                self._tell_others()
+                return
             self._apply(c)
             if c is not None:
                 self.select_lesion(c.lesion_id)
@@ -361,6 +418,108 @@ class ReviewWidget(QWidget):
         lid = self.session.next_unreviewed(self.current_lesion())
         if lid is not None:
             self.select_lesion(lid)
+
+    # ----------------------------------------------------------------- cells
+
+    def _find_cells_layer(self):
+        folder = str(self.session.folder) if self.session is not None else None
+        return next(
+            (
+                c
+                for c in result_layers_of(self.viewer, "cells")
+                if str(c.metadata["lungmets_results"]) == folder
+            ),
+            None,
+        )
+
+    def _show_cells(self) -> None:
+        """The cells layer shows the reviewed cells (added ones in, deleted ones out)."""
+        self.cells_layer = self._find_cells_layer()
+        if self.cells_layer is None:
+            return
+        cells = self.session.reviewed_cells()
+        layer = self.cells_layer
+        coords = cells[["y_um", "x_um"]].to_numpy(float).reshape(-1, 2)
+        if len(layer.data) != len(coords) or not np.allclose(layer.data, coords):
+            layer.data = coords
+        layer.features = cells
+        layer.face_color = cell_colours(cells)
+
+    def set_add_mode(self, on: bool) -> None:
+        """Clicks on the slide add cells (on), or do what they always do (off)."""
+        self.add_mode = bool(on) and self.session is not None
+        if self.add_button.isChecked() != self.add_mode:
+            self.add_button.setChecked(self.add_mode)
+        if self.add_mode and self.cells_layer is not None:
+            self.cells_layer.visible = True
+
+    def toggle_add_mode(self) -> None:
+        self.set_add_mode(not self.add_mode)
+
+    def _on_mouse(self, viewer, event):
+        """In add mode, a click (a press and a release without dragging) adds a cell."""
+        if not self.add_mode or self.session is None or event.button in (2, 3):
+            return  # the right and middle buttons keep their own use
+        start = np.asarray(event.position, float)[-2:]
+        dragged = False
+        yield
+        while event.type == "mouse_move":
+            dragged = True
+            yield
+        if not dragged:
+            shift = "Shift" in {str(getattr(m, "name", m)) for m in event.modifiers}
+            self.add_cell(float(start[1]), float(start[0]), ki67_pos=shift)
+
+    def add_cell(self, x_um: float, y_um: float, ki67_pos: bool = False):
+        """Add a cell the analysis missed (journaled); the lesions around it are re-derived."""
+        if self.session is None:
+            return None
+        ki67 = ki67_pos if self.session.has_ki67 else None
+        c = self.session.add_cell(x_um, y_um, ki67_pos=ki67)
+        self._after_cell_edit()
+        return c
+
+    def selected_cells(self) -> list[int]:
+        """Cell ids of the points selected in the cells layer."""
+        layer = self.cells_layer
+        if layer is None or not layer.selected_data:
+            return []
+        ids = layer.features["cell_id"].to_numpy()
+        return [int(ids[i]) for i in sorted(layer.selected_data)]
+
+    def delete_selected_cells(self) -> None:
+        """Delete the cells selected in the cells layer (journaled; undo brings them back)."""
+        ids = self.selected_cells()
+        if not ids:
+            self.counts_label.setText("Select cells in the cells layer first (its select tool).")
+            return
+        for cid in ids:
+            self.session.delete_cell(cid)
+        self.cells_layer.selected_data = set()
+        self._after_cell_edit()
+
+    def toggle_selected_ki67(self) -> None:
+        """Call the selected cells' Ki67 the other way (journaled)."""
+        ids = self.selected_cells()
+        if not ids:
+            self.counts_label.setText("Select cells in the cells layer first (its select tool).")
+            return
+        for cid in ids:
+            self.session.toggle_cell_ki67(cid)
+        self._after_cell_edit()
+
+    def mark_view_complete(self):
+        """Mark the current view as reviewed completely (journaled)."""
+        if self.session is None:
+            return None
+        c = self.session.mark_complete(*_view_box_um(self.viewer))
+        self._update_counts()
+        self._tell_others()
+        return c
+
+    def _after_cell_edit(self) -> None:
+        self._reload()
+        self._tell_others()
 
     # ----------------------------------------------------------------- display
 
@@ -385,6 +544,14 @@ class ReviewWidget(QWidget):
             f"{c['focus']} foci · reviewed {n - status.get('unreviewed', 0)}/{n}, "
             f"rejected {status.get('rejected', 0)}"
         )
+        edits = self.session.cell_edit_counts()
+        regions = len(self.session.complete_regions)
+        if sum(edits.values()) or regions:
+            self.counts_label.setText(
+                self.counts_label.text()
+                + f" · cells added {edits['add_cell']}, deleted {edits['delete_cell']}, "
+                f"Ki67 by hand {edits['set_cell_ki67']}; regions reviewed completely {regions}"
+            )
         self._show_slide_name()
 
     def _show_slide_name(self):
@@ -415,6 +582,16 @@ class ReviewWidget(QWidget):
     def _refresh_box_names(self):
         for i in range(self.layer_box.count()):
             self.layer_box.setItemText(i, self.layer_box.itemData(i).name)
+
+
+def _view_box_um(viewer) -> tuple[float, float, float, float]:
+    """The part of the slide in view, ``(x0, y0, x1, y1)`` in um."""
+    camera = _camera(viewer)
+    cy, cx = (float(v) for v in camera.center[-2:])
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None) or getattr(viewer, "_canvas_size", (CANVAS_PX,) * 2)
+    h, w = (float(v) / float(camera.zoom) for v in size[-2:])
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
 def _camera(viewer):

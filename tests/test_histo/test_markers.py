@@ -21,6 +21,8 @@ from histo.markers import (
     MarkerThreshold,
     apply_threshold,
     calibrate_threshold,
+    compensate_ki67,
+    spillover,
     user_threshold,
 )
 from histo.pipeline import analyze_slide
@@ -106,6 +108,43 @@ def test_bad_thresholds_are_refused(value):
         AnalysisConfig(ki67_threshold=value)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.25])
+def test_spillover_is_the_share_of_the_source_where_the_target_is_absent(share):
+    """HER2 seen in Ki67 over the cytoplasm of 300 HER2+ cells, 40% of which have a Ki67+
+    nucleus that lights its own cytoplasm (5% of it): the share comes back within 0.02, and
+    none is found where none was drawn."""
+    rng = np.random.default_rng(int(share * 100))
+    her2 = rng.lognormal(np.log(1500), 0.5, 300)
+    nucleus = np.where(rng.random(300) < 0.4, rng.lognormal(np.log(600), 0.3, 300), 20.0)
+    ki67 = 30 + share * her2 + 0.05 * nucleus + rng.normal(0, 15, 300)
+    found, se = spillover(ki67, her2, blur=nucleus)
+    assert found == pytest.approx(share, abs=0.02)
+    assert 0 < se < 0.01
+    if share == 0:
+        assert found == 0.0  # not 3 standard errors above zero: none
+
+
+def test_spillover_needs_enough_objects_and_is_never_negative():
+    rng = np.random.default_rng(1)
+    her2 = rng.lognormal(np.log(1500), 0.5, 50)
+    assert spillover(500 - 0.1 * her2, her2)[0] == 0.0  # falls with the source: none
+    assert spillover(0.2 * her2[:19], her2[:19]) is None
+    # A fifth of the objects hold the target's own stain: outliers, left out.
+    target = 0.2 * her2 + rng.normal(0, 10, 50)
+    target[:10] += 2000
+    assert spillover(target, her2)[0] == pytest.approx(0.2, abs=0.01)
+
+
+def test_compensation_takes_out_her2s_own_signal_and_never_adds():
+    ki67 = np.array([100.0, 600.0, 20.0])
+    her2 = np.array([500.0, 500.0, 100.0])
+    dapi = np.array([800.0, 800.0, 800.0])
+    out = compensate_ki67(ki67, her2, dapi, her2_into_ki67=0.25, dapi_into_her2=0.25)
+    # HER2's own signal: 500 - 0.25 * 800 = 300, a quarter of it seen in Ki67; the third
+    # nucleus has no HER2 of its own (100 < 200): nothing taken out, nothing added.
+    np.testing.assert_allclose(out, [25.0, 525.0, 20.0])
+
+
 @pytest.fixture(scope="module")
 def background_slide(tmp_path_factory):
     """Ki67-negative nuclei hold 10% of the positive level (another simulator's style, where
@@ -149,6 +188,37 @@ def test_calibrated_ki67_holds_where_the_network_call_fails(background_slide):
     # The detector's run reports the calibrated value without applying it.
     assert detector.summary["markers"]["Ki67"]["applied"] is False
     assert auto.summary["markers"]["HER2"]["applied"] is False  # HER2 filter off by default
+    # No bleed-through drawn: almost none measured (measured 0.00), and the cells' Ki67 kept.
+    assert k["compensation"]["her2_into_ki67"] < 0.03
+    raw, used = auto.cells["ki67_raw_mean"], auto.cells["ki67_mean"]
+    assert np.all(raw - used <= 0.03 * auto.cells["her2_mean"] + 1e-6)
+
+
+@pytest.mark.slow
+def test_her2_seen_through_the_ki67_filter_is_measured_and_taken_out(tmp_path):
+    """A quarter of HER2 seen in the Ki67 channel (and of DAPI in HER2): HER2-bright dormant
+    cells hold as much Ki67 as dim Ki67+ ones. The share is measured on the slide's cells and
+    taken out of every nucleus before the threshold is found."""
+    s = generate_slide(
+        tmp_path / "bleed.ome.tif",
+        size_px=(1536, 1536),
+        group="IAV",
+        dpi=28,
+        seed=94503,
+        mouse_burden=3.0,
+        appearance=Appearance(bleed_through=0.25),
+        labels=False,
+    )
+    r = analyze_slide(s.path, AnalysisConfig())
+    comp = r.summary["markers"]["Ki67"]["compensation"]
+    assert comp["her2_into_ki67"] == pytest.approx(0.25, abs=0.05), comp
+    assert comp["dapi_into_her2"] == pytest.approx(0.25, abs=0.07), comp
+    acc = _ki67_accuracy(r, s)
+    # Measured on this tumour-rich slide (532 cells, most nuclei of the tissue HER2+): HER2 in
+    # Ki67 0.247, DAPI in HER2 0.20 (from the floor of the HER2-negative nuclei), accuracy
+    # 1.00; without compensation 0.86 on the benchmark's slides of this style.
+    assert acc >= 0.97, r.summary["markers"]["Ki67"]
+    assert (r.cells["ki67_raw_mean"] > r.cells["ki67_mean"]).mean() > 0.95
 
 
 def _lungmets(*args, cwd):
@@ -165,9 +235,13 @@ def _lungmets(*args, cwd):
 def test_rethreshold_writes_what_a_fresh_run_with_that_threshold_writes(background_slide, tmp_path):
     s = background_slide
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _lungmets("run", s.path, "--out", a, cwd=tmp_path).returncode == 0
+    fast = ("--method", "classical")  # any detector: rethresholding does not depend on it
+    assert _lungmets("run", s.path, "--out", a, *fast, cwd=tmp_path).returncode == 0
     assert (
-        _lungmets("run", s.path, "--out", b, "--ki67-threshold", 250, cwd=tmp_path).returncode == 0
+        _lungmets(
+            "run", s.path, "--out", b, "--ki67-threshold", 250, *fast, cwd=tmp_path
+        ).returncode
+        == 0
     )
     r = _lungmets("rethreshold", a, "--ki67-threshold", 250, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -183,6 +257,14 @@ def test_rethreshold_writes_what_a_fresh_run_with_that_threshold_writes(backgrou
     assert _lungmets("rethreshold", fa, "--ki67-threshold", "auto", cwd=tmp_path).returncode == 0
     again = json.loads((fa / "summary.json").read_text())
     assert again["markers"]["Ki67"]["method"].startswith("two populations")
+    # Results of an older analysis revision are never passed off as current: rethreshold
+    # leaves them without a run key, and the same run then analyses the slide again.
+    again["run_key_inputs"]["analysis_revision"] -= 1
+    (fa / "summary.json").write_text(json.dumps(again))
+    assert _lungmets("rethreshold", fa, "--ki67-threshold", 250, cwd=tmp_path).returncode == 0
+    assert json.loads((fa / "summary.json").read_text())["run_key"] is None
+    rerun = _lungmets("run", s.path, "--out", a, "--ki67-threshold", 250, *fast, cwd=tmp_path)
+    assert rerun.returncode == 0 and "0 already done" in rerun.stdout + rerun.stderr
 
 
 def test_rethreshold_of_a_folder_without_results_says_so(tmp_path):

@@ -167,3 +167,144 @@ def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tm
     same = analyze_cohort(sheet, folder.parent)
     assert not any("threshold" in w or "different ways" in w for w in same.warnings)
     assert (same.sections["ki67_threshold"] == 2 * t).all()
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def _isolated_single(session, clear_um: float = 80.0):
+    """A single-cell lesion with no other cell within `clear_um`."""
+    import numpy as np
+
+    cells = session.cells
+    for lid, les in session.lesions[session.lesions["n_cells"] == 1].iterrows():
+        d = np.hypot(cells["x_um"] - les["x_um"], cells["y_um"] - les["y_um"])
+        if (d < clear_um).sum() == 1:
+            return lid
+    raise AssertionError("no isolated single cell on the test slide")
+
+
+def test_a_cell_added_next_to_a_single_makes_a_cluster(folder):
+    s = ReviewSession(folder, user="bob")
+    lid = _isolated_single(s)
+    x, y = (float(v) for v in s.lesions.loc[lid, ["x_um", "y_um"]])
+    was_dormant = s.lesions.loc[lid, "review_class"] == "dormant"
+    before = s.counts()
+    s.add_cell(x + 12.0, y, ki67_pos=False)  # within the 25-um link distance
+    after = s.counts()
+    assert lid not in s.lesions.index
+    new = s.lesions[s.lesions["status"] == "edited"]
+    assert len(new) == 1 and new["n_cells"].iloc[0] == 2
+    assert new["review_class"].iloc[0] == "cluster"
+    assert after["her2_cells"] == before["her2_cells"] + 1
+    assert after["single"] == before["single"] - 1
+    assert after["cluster"] == before["cluster"] + 1
+    assert after["dormant"] == before["dormant"] - int(was_dormant)
+    (entry,) = read_journal(folder / JOURNAL)
+    assert entry.action == "add_cell" and entry.x_um == pytest.approx(x + 12.0)
+    assert entry.user == "bob"
+    added = s.cells[s.cells["review"] == "added"]
+    assert len(added) == 1 and added["lesion_id"].iloc[0] == new["lesion_id"].iloc[0]
+    # Replayed by a new session: the same lesions and cells.
+    again = ReviewSession(folder)
+    pd.testing.assert_frame_equal(again.lesions, s.lesions)
+    pd.testing.assert_frame_equal(again.cells, s.cells)
+
+
+def test_deleting_a_cell_splits_its_lesion_and_undo_restores_it(folder):
+    s = ReviewSession(folder)
+    original, base = s.lesions.copy(), s.counts()
+    lid = _isolated_single(s)
+    x, y = (float(v) for v in s.lesions.loc[lid, ["x_um", "y_um"]])
+    # A chain of three cells 20 um apart (each link shorter than 25 um): one cluster.
+    s.add_cell(x + 20.0, y)
+    s.add_cell(x + 40.0, y)
+    chain = s.lesions[s.lesions["status"] == "edited"]
+    assert len(chain) == 1 and chain["n_cells"].iloc[0] == 3
+    middle = s.cell_at(x + 20.0, y)
+    s.delete_cell(middle)
+    parts = s.lesions[s.lesions["status"] == "edited"].sort_values("x_um")
+    assert parts["n_cells"].tolist() == [1, 1]  # 40 um apart: two single cells
+    assert parts["x_um"].tolist() == pytest.approx([x, x + 40.0])
+    assert s.cells.loc[middle, "review"] == "deleted"
+    s.undo()  # the deletion
+    chain = s.lesions[s.lesions["status"] == "edited"]
+    assert chain["n_cells"].tolist() == [3]
+    s.undo()
+    s.undo()  # both additions: the analysis' lesions again
+    assert s.counts() == base
+    pd.testing.assert_frame_equal(
+        s.lesions[["lesion_id", "n_cells", "review_class", "status"]],
+        original[["lesion_id", "n_cells", "review_class", "status"]],
+    )
+    assert [e.action for e in read_journal(folder / JOURNAL)] == [
+        "add_cell", "add_cell", "delete_cell", "undo", "undo", "undo"
+    ]  # fmt: skip
+
+
+def test_a_cells_ki67_set_by_hand_holds_against_the_threshold(folder):
+    s = ReviewSession(folder)
+    dormant = s.lesions.index[s.lesions["review_class"] == "dormant"][0]
+    cell = int(s.cells.index[s.cells["lesion_id"] == dormant][0])
+    before = s.counts()
+    s.toggle_cell_ki67(cell)
+    assert s.lesions.loc[dormant, "review_class"] == "single"  # Ki67+ single now
+    assert s.counts()["dormant"] == before["dormant"] - 1
+    assert s.counts()["ki67_pos_cells"] == before["ki67_pos_cells"] + 1
+    # A threshold no nucleus reaches: every other cell Ki67-, this one stays Ki67+.
+    s.set_ki67_threshold(1e9)
+    assert s.counts()["ki67_pos_cells"] == 1
+    assert s.lesions.loc[dormant, "review_class"] == "single"
+    again = ReviewSession(folder)
+    assert again.counts() == s.counts()
+
+
+def test_cell_corrections_follow_their_cells_after_reanalysis(folder):
+    s = ReviewSession(folder)
+    lid = _isolated_single(s)
+    cell = int(s.cells.index[s.cells["lesion_id"] == lid][0])
+    s.delete_cell(cell)
+    gone = s.counts()
+    # As if the slide had been analysed again: another run key, and cell ids shuffled.
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["run_key"] = "another run"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    cells = pd.read_csv(folder / "cells.csv")
+    cells["cell_id"] = cells["cell_id"].to_numpy()[::-1]
+    cells.to_csv(folder / "cells.csv", index=False)
+    again = ReviewSession(folder)
+    assert not again.unmatched
+    assert again.counts() == gone
+    deleted = again.cells[again.cells["review"] == "deleted"]
+    assert len(deleted) == 1
+    assert deleted["x_um"].iloc[0] == pytest.approx(s.cells.loc[cell, "x_um"])
+
+
+def test_a_region_reviewed_completely_is_journaled_and_replayed(folder):
+    s = ReviewSession(folder)
+    s.mark_complete(300.0, 200.0, 100.0, 50.0)  # any two corners
+    assert s.complete_regions == [(100.0, 50.0, 300.0, 200.0)]
+    assert ReviewSession(folder).complete_regions == [(100.0, 50.0, 300.0, 200.0)]
+    with pytest.raises(ValueError, match="width and a height"):
+        s.mark_complete(10.0, 10.0, 10.0, 50.0)
+    s.undo()
+    assert ReviewSession(folder).complete_regions == []
+
+
+def test_cohort_counts_reviewed_cells_and_says_how_many_were_reviewed(folder, tmp_path):
+    from histo.cohort import analyze_cohort
+
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(f"slide,mouse,group,dpi,section\n{folder.name}.ome.tif,m1,IAV,15,1\n")
+    raw = analyze_cohort(sheet, folder.parent)
+    s = ReviewSession(folder)
+    lid = _isolated_single(s)
+    x, y = (float(v) for v in s.lesions.loc[lid, ["x_um", "y_um"]])
+    s.add_cell(x + 150.0, y + 150.0)  # a missed cell on its own
+    s.add_cell(x + 12.0, y)
+    reviewed = analyze_cohort(sheet, folder.parent)
+    assert reviewed.mice["her2_cells"].iloc[0] == raw.mice["her2_cells"].iloc[0] + 2
+    assert reviewed.sections["reviewed_cell_edits"].iloc[0] == 2
+    line = reviewed.review_line()
+    assert "1 of 1 sections reviewed" in line and "2 cells added" in line
+    assert "0 of 1 sections reviewed" in raw.review_line()

@@ -68,6 +68,8 @@ def test_mouse_table_equals_the_library_and_the_cli(make_napari_viewer, qtbot, s
     assert widget.result is not None, widget.status_label.text()
 
     expected = analyze_cohort(study / "samples.csv", study / "results")
+    # Nobody reviewed these slides, and the widget says so.
+    assert f"0 of {len(expected.sections)} sections reviewed" in widget.status_label.text()
     shown = widget.table_frame()
     assert {"mouse", "group", "dpi", "her2_cells", "her2_cells_per_mm2"} <= set(shown.columns)
     _assert_same_mice(shown, expected.mice, rtol=1e-12)

@@ -11,6 +11,7 @@ import pytest
 
 from histo.review import JOURNAL, ReviewSession, read_journal
 from napari_plugin._reader import get_results_reader
+from napari_plugin._review_widget import COLUMNS
 
 pytestmark = pytest.mark.napari
 
@@ -85,3 +86,39 @@ def test_markers_widget_applies_one_threshold_to_a_study(make_napari_viewer, res
         w.text() for w in (widget.counts_label, widget.method_label) if hasattr(w, "text")
     )
     assert "PBS" not in texts and "m2" not in texts
+
+
+def test_review_and_markers_widgets_show_each_others_changes(make_napari_viewer, results):
+    """One session per slide: a threshold applied in the Markers widget recounts the Review
+    widget's table and counts at once; a lesion reviewed there recounts the Markers widget;
+    undo in either takes back the latest change, whichever widget made it."""
+    viewer = make_napari_viewer()
+    for data, kw, kind in get_results_reader(str(results))(str(results)):
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    _, review = viewer.window.add_plugin_dock_widget("lungmets", "Review lesions")
+    _, markers = viewer.window.add_plugin_dock_widget("lungmets", "Markers (Ki67 threshold)")
+    assert review.session is markers.session
+    before = review.counts_label.text()
+    cells = pd.read_csv(results / "cells.csv")
+    markers.set_threshold(float(cells["ki67_mean"].quantile(0.95)))
+    assert review.counts_label.text() == before  # a preview is not a change
+    markers.apply()
+    counts = ReviewSession(results).counts()
+    assert f"{counts['dormant']} dormant" in review.counts_label.text()
+    assert review.counts_label.text() != before
+    table = review.session.lesions["n_ki67_pos"].to_numpy()
+    col = COLUMNS.index("n_ki67_pos")
+    shown = [review.model.data(review.model.index(r, col)) for r in range(review.model.rowCount())]
+    assert [int(v) for v in shown] == table.tolist()
+
+    # A dormant lesion set to "focus" in the Review widget: one dormant fewer in Markers.
+    dormant = review.session.lesions.index[review.session.lesions["review_class"] == "dormant"]
+    review.select_lesion(dormant[0])
+    review.set_class("focus")
+    assert f"{counts['dormant'] - 1} dormant" in markers.counts_label.text()
+    # Markers' undo takes back the class; Review's undo then the threshold.
+    markers.undo()
+    assert f"{counts['dormant']} dormant" in review.counts_label.text()
+    review.undo()
+    assert review.counts_label.text() == before
+    assert ReviewSession(results).reviewed_ki67_threshold is None

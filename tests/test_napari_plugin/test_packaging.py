@@ -49,6 +49,7 @@ def test_manifest_is_valid_and_names_every_contribution():
         "Review lesions",
         "Compare mice",
         "Markers (Ki67 threshold)",
+        "Teach (fine-tune from reviews)",
     ]
 
 
@@ -225,7 +226,7 @@ def test_napari_discovers_the_plugin_installed_from_the_wheel(dist, tmp_path):
     assert report["writers"] == [w.command for w in c.writers] == ["lungmets.write_lesions"]
     assert report["sample_data"] == [s.key for s in c.sample_data] == ["infected", "control"]
     assert report["widgets"] == [w.display_name for w in c.widgets]
-    assert len(report["readers"]) == 2 and len(report["widgets"]) == 4
+    assert len(report["readers"]) == 2 and len(report["widgets"]) == 5
     assert report["weights"] == WEIGHTS
     assert [name.split()[-1] for name, *_ in report["layers"]] == ["DAPI", "HER2", "Ki67"]
     for _, layer_type, multiscale, scale in report["layers"]:

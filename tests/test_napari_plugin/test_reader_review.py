@@ -137,3 +137,64 @@ def qtbot_ctrl():
     from qtpy.QtCore import Qt
 
     return Qt.KeyboardModifier.ControlModifier
+
+
+def test_review_widget_adds_a_cell_where_clicked_and_edits_cells(make_napari_viewer, results):
+    """Add-cell mode: a click on the canvas adds a cell there (journaled, the cells layer and
+    the lesions follow); the selected cell's Ki67 is toggled, it is deleted, undo brings it
+    back; the view is marked as reviewed completely."""
+    viewer = make_napari_viewer()
+    add(viewer, get_results_reader(str(results))(str(results)))
+    _, widget = viewer.window.add_plugin_dock_widget("lungmets", "Review lesions")
+    session = widget.session
+    cells = session.reviewed_cells()
+    n_cells, n_lesions = len(cells), len(session.lesions)
+    # A spot of the section at least 80 um from every cell: the new cell is a lesion of its own.
+    xy = cells[["x_um", "y_um"]].to_numpy(float)
+    spots = [(x, y) for x in range(100, 600, 20) for y in range(100, 500, 20)]
+    x, y = next(p for p in spots if np.hypot(*(xy - p).T).min() > 80)
+    camera = _camera(viewer)
+    camera.center = (y, x)
+    camera.zoom = 4.0  # 4 canvas pixels per um
+    widget.set_add_mode(True)
+    assert widget.add_button.isChecked() and widget.cells_layer.visible
+    clicked = []  # where napari says the click is, in world coordinates (um)
+    viewer.mouse_drag_callbacks.append(lambda v, e: clicked.append(e.position[-2:]))
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    middle = (canvas.size[0] / 2, canvas.size[1] / 2)
+    canvas.events.mouse_press(pos=middle, modifiers=(), button=1)
+    canvas.events.mouse_release(pos=middle, modifiers=(), button=1)
+    (entry,) = read_journal(results / JOURNAL)
+    assert entry.action == "add_cell"
+    assert (entry.y_um, entry.x_um) == pytest.approx(tuple(clicked[0]))
+    assert abs(entry.x_um - x) < 60 and abs(entry.y_um - y) < 60  # in view, near its centre
+    x, y = entry.x_um, entry.y_um
+    assert len(widget.cells_layer.data) == n_cells + 1
+    assert len(widget.layer.data) == n_lesions + 1 == widget.model.rowCount()
+    assert "cells added 1" in widget.counts_label.text()
+    # A drag pans; it adds nothing.
+    canvas.events.mouse_press(pos=middle, modifiers=(), button=1)
+    canvas.events.mouse_move(
+        pos=(middle[0] + 30, middle[1]), modifiers=(), button=1,
+        press_event=canvas.events.mouse_press(pos=middle, modifiers=(), button=1),
+    )  # fmt: skip
+    canvas.events.mouse_release(pos=(middle[0] + 30, middle[1]), modifiers=(), button=1)
+    assert len(read_journal(results / JOURNAL)) == 1
+    widget.set_add_mode(False)
+
+    new = int(np.argmin(np.hypot(*(widget.cells_layer.data - (y, x)).T)))
+    widget.cells_layer.selected_data = {new}
+    widget.toggle_selected_ki67()
+    assert bool(ReviewSession(results).reviewed_cells().iloc[new]["ki67_pos"]) is True
+    widget.cells_layer.selected_data = {new}
+    widget.delete_selected_cells()
+    assert len(widget.cells_layer.data) == n_cells
+    assert ReviewSession(results).counts() == session.counts()
+    widget.undo()
+    assert len(widget.cells_layer.data) == n_cells + 1
+    widget.mark_view_complete()
+    (box,) = ReviewSession(results).complete_regions
+    assert box[0] < x < box[2] and box[1] < y < box[3]
+    assert [e.action for e in read_journal(results / JOURNAL)] == [
+        "add_cell", "set_cell_ki67", "delete_cell", "undo", "complete_region"
+    ]  # fmt: skip
