@@ -195,6 +195,13 @@ def _add_appearance_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="dynamic range of the file")
     g.add_argument("--layout", choices=LAYOUTS, default=d.layout, help="tissue layout")
+    g.add_argument(
+        "--her2-level",
+        type=_range,
+        default=d.her2_level,
+        metavar="LO-HI",
+        help="a lesion's HER2 over the tissue's autofluorescence (default: 2-15; HER2-low: 1.2-3)",
+    )
 
 
 def _appearance(args: argparse.Namespace):
@@ -216,6 +223,7 @@ def _appearance(args: argparse.Namespace):
             tumour_fraction=args.tumour_fraction,
             dtype=args.dtype,
             layout=args.layout,
+            her2_level=args.her2_level,
         )
     except ValueError as exc:
         raise InputError(f"bad appearance: {exc}") from None

@@ -77,6 +77,10 @@ class Appearance:
         ``uint8`` or ``float32``.
     layout : str
         Tissue: ``alveolar`` lung, dense ``stroma``, or ``liver``-like parenchyma.
+    her2_level : (float, float)
+        Range of a lesion's mean HER2 over the tissue's autofluorescence (drawn log-uniform
+        per lesion; default 2-15). HER2-low cells (1.2-3), as dormant cells that lower HER2 or
+        a weaker antibody give, are not in any family the network was trained on.
     """
 
     her2_pattern: str = "default"
@@ -93,6 +97,7 @@ class Appearance:
     tumour_fraction: float = 0.0
     dtype: str = "uint16"
     layout: str = "alveolar"
+    her2_level: tuple[float, float] = (2.0, 15.0)
 
     def __post_init__(self):
         if self.her2_pattern not in HER2_PATTERNS:
@@ -112,6 +117,9 @@ class Appearance:
         lo, hi = self.cell_diameter_um
         if not 6.0 <= lo <= hi <= 40.0:
             raise ValueError(f"cell_diameter_um must be a range within 6-40 um, got {lo}-{hi}")
+        object.__setattr__(self, "her2_level", tuple(float(v) for v in self.her2_level))
+        if not 1.05 <= self.her2_level[0] <= self.her2_level[1] <= 50.0:
+            raise ValueError(f"her2_level must be a range within 1.05-50, got {self.her2_level}")
         if not 0.6 <= self.packing[0] <= self.packing[1] <= 1.1:
             raise ValueError(f"packing must be a range within 0.6-1.1, got {self.packing}")
         for name, lo_, hi_ in (

@@ -1082,7 +1082,7 @@ def build_scene(spec: SlideSpec) -> Scene:
         else:
             kpos = r_les.random(n) < model.dormant_ki67_fraction
         # Lesion brightness from about 2x to 15x the tissue autofluorescence.
-        level = math.exp(r_les.uniform(math.log(2.0), math.log(15.0)))
+        level = math.exp(r_les.uniform(*map(math.log, app.her2_level)))
         her2_means = her2_af * level * r_les.lognormal(0, 0.15, n)
         dapi_amp = app.nucleus_dapi * nd * r_les.lognormal(0, 0.1)
         ki67_amp = stain.ki67_pos * r_les.lognormal(0, 0.25)
@@ -1091,7 +1091,7 @@ def build_scene(spec: SlideSpec) -> Scene:
     for lid, (c, grown_cells) in enumerate(nests, start=len(keep) + 1):
         n = len(grown_cells[1])
         kpos = r_app.random(n) < 0.5
-        level = math.exp(r_app.uniform(math.log(2.0), math.log(15.0)))
+        level = math.exp(r_app.uniform(*map(math.log, app.her2_level)))
         her2_means = her2_af * level * r_app.lognormal(0, 0.15, n)
         dapi_amp = app.nucleus_dapi * nd * r_app.lognormal(0, 0.1)
         ki67_amp = stain.ki67_pos * r_app.lognormal(0, 0.25)

@@ -2,11 +2,12 @@
 
 Run on demand (never in CI)::
 
-    python3 tests/benchmarks/bench_teach.py [--write] [--family liver-af]
+    python3 tests/benchmarks/bench_teach.py [--write] [--steps N] [--budgets 25 50 ...]
 
-A generator style the shipped network handles poorly (``FAMILIES``; the default: liver-like
-parenchyma with strong, uneven autofluorescence, two traits it never saw together) is drawn on
-two "training" sections and four test sections (seeds 96000+, never used elsewhere). The
+A generator style the shipped network handles poorly (``FAMILIES``; liver-like parenchyma in
+the dormant phase, few cancer cells among hepatocyte-like nuclei: cell F1 about 0.6-0.7) is
+drawn on two "training" sections and four test sections (seeds 96000+, never used elsewhere).
+The
 shipped network analyses the two training sections; a scientist's review is simulated from the
 generator's truth, as they would click it: the sections are gone through in 200 x 200 um
 boxes, in a fixed random order, every missed cell in a box is added and every false one
@@ -38,25 +39,28 @@ from histo.synthetic import Appearance, generate_slide, load_truth
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, machine_line, write_section  # noqa: E402
 
+#: name -> (appearance, sections as (seed, group, dpi)) for training, testing.
 FAMILIES = {
-    "liver-af": {"layout": "liver", "autofluorescence": 4.0, "af_unevenness": 0.6},
-    "liver": {"layout": "liver"},
+    # Liver-like parenchyma in the dormant phase (a control mouse, or 3 days after infection):
+    # few cancer cells, and hepatocyte-like nuclei the shipped network takes for some of them
+    # (measured on one section: 25 cells, 51 found, F1 0.66).
+    "liver-dormant": {"layout": "liver"},
 }
-TRAIN_SEEDS = (96000, 96001)
-TEST_SEEDS = (96100, 96101, 96102, 96103)
-HOUSE_SEEDS = (96200, 96201)
+TRAIN = ((96000, "PBS", 15), (96001, "IAV", 3))
+TEST = ((96100, "PBS", 15), (96101, "IAV", 3), (96102, "PBS", 60), (96103, "IAV", 9))
+HOUSE = ((96200, "IAV", 15), (96201, "PBS", 28))
 BUDGETS = (25, 50, 100, 200)
 SIZE_PX = (2048, 2048)
 BOX_UM = 200.0
 
 
-def _slides(data: Path, family: dict, seeds, tag: str) -> list[Path]:
+def _slides(data: Path, family: dict, sections, tag: str) -> list[Path]:
     out = []
-    for seed in seeds:
+    for seed, group, dpi in sections:
         path = data / f"{tag}_{seed}.ome.tif"
         if not path.exists():
             generate_slide(
-                path, size_px=SIZE_PX, group="IAV", dpi=15, seed=seed,
+                path, size_px=SIZE_PX, group=group, dpi=dpi, seed=seed,
                 appearance=Appearance(**family), labels=False,
             )  # fmt: skip
         out.append(path)
@@ -113,7 +117,7 @@ def score(model, slides) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("/tmp/lungmets_teach"))
-    ap.add_argument("--family", default="liver-af", choices=sorted(FAMILIES))
+    ap.add_argument("--family", default="liver-dormant", choices=sorted(FAMILIES))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     ap.add_argument("--write", action="store_true")
@@ -123,9 +127,9 @@ def main() -> None:
     data = args.data / args.family
     data.mkdir(parents=True, exist_ok=True)
     family = FAMILIES[args.family]
-    train = _slides(data, family, TRAIN_SEEDS, "train")
-    test = _slides(data, family, TEST_SEEDS, "test")
-    house = _slides(args.data, {}, HOUSE_SEEDS, "house")
+    train = _slides(data, family, TRAIN, "train")
+    test = _slides(data, family, TEST, "test")
+    house = _slides(args.data, {}, HOUSE, "house")
     base_results = data / "results_shipped"
     outcomes = run_batch(train, base_results, AnalysisConfig())
     assert all(o.ok for o in outcomes)
@@ -154,10 +158,9 @@ def main() -> None:
     lines = [
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_teach.py --write --family {args.family}`. "
-        f"Style: {family}; fine-tuned on the simulated reviews of 2 sections (seeds "
-        f"{TRAIN_SEEDS[0]}+), {args.steps} steps; scored on 4 other sections (seeds "
-        f"{TEST_SEEDS[0]}+) and 2 of the house style (seeds {HOUSE_SEEDS[0]}+), "
-        f"{SIZE_PX[0] // 2} x {SIZE_PX[1] // 2} um each.",
+        f"Style: {args.family} {family}; fine-tuned on the simulated reviews of 2 sections "
+        f"{TRAIN}, {args.steps} steps; scored on 4 other sections {TEST} and 2 of the house "
+        f"style {HOUSE}, (seed, group, dpi), {SIZE_PX[0] // 2} x {SIZE_PX[1] // 2} um each.",
         "",
         "| corrections | fine-tuning (s) | cell F1 (mean of 4) | worst section | count error | "
         "house style F1 |",

@@ -87,6 +87,17 @@ def test_cell_size_and_packing_follow_the_appearance(tmp_path):
     assert 6 < d_small < 11.5 and 17 < d_large < 26
 
 
+def test_her2_level_follows_the_appearance(tmp_path):
+    """HER2-low cells (1.3-2x the autofluorescence) against bright ones (8-12x): the drawn
+    means differ by the ratio of the ranges (about 6)."""
+    low = _slide(tmp_path, "low", her2_level=(1.3, 2.0))
+    high = _slide(tmp_path, "high", her2_level=(8.0, 12.0))
+    ratio = high.cells["her2_mean"].median() / low.cells["her2_mean"].median()
+    assert 4.0 < ratio < 9.0
+    with pytest.raises(ValueError, match="her2_level"):
+        Appearance(her2_level=(0.5, 2.0))
+
+
 def test_tumour_fraction_covers_that_share_of_the_tissue(tmp_path):
     s = _slide(tmp_path, "dense", tumour_fraction=0.6)
     cells = tifffile.imread(s.truth_dir / "labels.ome.tif", key=1) > 0
