@@ -13,11 +13,18 @@ journal's entries carry the lesion's position and are then matched to the neares
 
 Review classes: ``dormant`` (single cell, Ki67−), ``single`` (single cell, Ki67+ or Ki67 not
 imaged), ``cluster``, ``focus``. Status: ``unreviewed``, ``accepted``, ``corrected``,
-``rejected``.
+``rejected``, ``edited`` (its cells were edited by hand).
 
 The slide's Ki67 threshold can be reviewed too (``set_ki67_threshold``, napari's Markers
 widget): the journal then records it, and every lesion's Ki67+ count and dormancy follow it,
 from the cells' stored ``ki67_mean``, except where a scientist set the lesion's class by hand.
+
+And single cells: a cell the analysis missed is added (``add_cell``), a false one deleted
+(``delete_cell``), a cell's Ki67 called by hand (``set_cell_ki67``), and a region marked as
+reviewed completely (``mark_complete``: every cell in it is marked, nothing else is one). The
+lesions a cell edit touches are re-derived from the reviewed cells by the analysis' own linking
+rule (new ids, status ``edited``, their class following the cells). These journals are also
+training data: ``lungmets train --from-reviews`` (`models.teach`).
 """
 
 from __future__ import annotations

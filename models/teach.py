@@ -1,6 +1,7 @@
 """Fine-tuning the network from a scientist's reviews (the corrections journals).
 
-A review says, for the cells it touched, what the network should have seen: cells kept or
+A review says, for the cells it touched, what the network should have seen: cells looked at
+and kept (in lesions accepted, corrected or edited, or inside a region reviewed completely) or
 added are HER2+ nuclei (their centres), deleted cells and the cells of rejected lesions are
 not, a cell's Ki67 is what the scientist called it, and inside a region marked as reviewed
 completely every cell is marked and nothing else is one. Points are enough: around each point
@@ -54,7 +55,9 @@ class ReviewedSlide:
     sha256 : str
         The slide's checksum, as the analysis recorded it.
     positives : ndarray (N, 2)
-        x_um, y_um of the cells kept or added.
+        x_um, y_um of the cells looked at and kept: added by hand, in a lesion accepted,
+        corrected or edited, or inside a region reviewed completely (cells nobody looked at
+        are left out: they may be the false cells the review is there to remove).
     positive_ki67 : ndarray (N,)
         1.0 Ki67+, 0.0 Ki67-, NaN unknown.
     negatives : ndarray (M, 2)
@@ -112,9 +115,23 @@ def reviewed_slide(folder) -> ReviewedSlide:
     inputs = summary.get("run_key_inputs") or {}
     cells = session.cells
     live = cells[cells["review"] != "deleted"]
-    rejected = set(session.lesions.index[session.lesions["status"] == "rejected"])
+    status = session.lesions["status"]
+    rejected = set(session.lesions.index[status == "rejected"])
     in_rejected = live["lesion_id"].isin(rejected).to_numpy()
-    kept = live[~in_rejected]
+    # Kept means looked at and kept: added by hand, in a lesion accepted, corrected or edited,
+    # or inside a region reviewed completely. A cell nobody looked at teaches nothing (it may be
+    # one of the false cells the review is there to remove).
+    looked_at = set(session.lesions.index[status.isin(["accepted", "corrected", "edited"])])
+    xy = live[["x_um", "y_um"]].to_numpy(float).reshape(-1, 2)
+    in_box = np.zeros(len(live), bool)
+    for x0, y0, x1, y1 in session.complete_regions:
+        in_box |= (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+    confirmed = (
+        (live["review"] == "added").to_numpy()
+        | live["lesion_id"].isin(looked_at).to_numpy()
+        | in_box
+    )
+    kept = live[confirmed & ~in_rejected]
     ki67 = kept["ki67_pos"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
     negatives = np.r_[
         cells.loc[cells["review"] == "deleted", ["x_um", "y_um"]].to_numpy(float),

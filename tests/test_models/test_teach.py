@@ -83,7 +83,17 @@ def test_a_review_says_which_cells_are_kept_and_which_are_not(reviewed):
     live = s.cells[s.cells["review"] != "deleted"]
     rejected_lesion = s.lesions.index[s.lesions["status"] == "rejected"]
     in_rejected = live["lesion_id"].isin(rejected_lesion)
-    assert len(rs.positives) == int((~in_rejected).sum())
+    # Positives: cells looked at and kept: the added one and its (edited) lesion, the cells in
+    # the complete region; not the cells nobody looked at, nor those of the rejected lesion.
+    edited = s.lesions.index[s.lesions["status"] == "edited"]
+    in_box = live["x_um"].between(0, 200, inclusive="left") & live["y_um"].between(
+        0, 200, inclusive="left"
+    )
+    expected = (live["lesion_id"].isin(edited) | in_box) & ~in_rejected
+    assert len(rs.positives) == int(expected.sum())
+    assert 0 < len(rs.positives) < len(live)
+    added = live[live["review"] == "added"][["x_um", "y_um"]].to_numpy(float)
+    assert np.any(np.all(np.isclose(rs.positives, added), axis=1))
     assert len(rs.negatives) == 1 + int(in_rejected.sum())  # the deleted cell, the rejected
     assert rs.boxes == [(0.0, 0.0, 200.0, 200.0)]
     assert rs.n_corrections == 4
