@@ -281,9 +281,10 @@ class ReviewWidget(SharedSessionMixin, QWidget):
         return result_layers_of(self.viewer, "lesions")
 
     def _refresh_layers(self, event=None):
-        if refill_layer_box(self.layer_box, self._lesion_layers(), self.layer):
+        layers = self._lesion_layers()
+        if refill_layer_box(self.layer_box, layers, self.layer):
             self._on_layer()
-        else:
+        elif not layers:  # the last lesions layer went; another one added keeps this one
             self.set_layer(None)
 
     def _on_layer(self, *_):

@@ -226,8 +226,9 @@ class TeachWidget(QWidget):
         for layer in list(self.viewer.layers):
             if str(layer.metadata.get("lungmets_results")) == str(c["results"]):
                 self.viewer.layers.remove(layer)
-        for data in layers:
-            self.viewer.add_layer(Layer.create(*data))
+        for data, kwargs, kind in layers:  # named after the model, beside the reviewed ones
+            kwargs = {**kwargs, "name": f"{kwargs['name']} ({result.model_path.stem})"}
+            self.viewer.add_layer(Layer.create(data, kwargs, kind))
         self._set_status(
             f"New model {result.model_path.name} ({result.n_corrections} corrections, "
             f"{result.seconds:.0f} s). HER2+ cells on this slide: {a['her2_cells']} as analysed, "

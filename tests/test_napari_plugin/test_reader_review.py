@@ -198,3 +198,19 @@ def test_review_widget_adds_a_cell_where_clicked_and_edits_cells(make_napari_vie
     assert [e.action for e in read_journal(results / JOURNAL)] == [
         "add_cell", "set_cell_ki67", "delete_cell", "undo", "complete_region"
     ]  # fmt: skip
+
+
+def test_review_widget_keeps_its_slide_when_other_layers_are_added(make_napari_viewer, results):
+    """Opening another image or another result folder does not take the review away."""
+    viewer = make_napari_viewer()
+    add(viewer, get_results_reader(str(results))(str(results)))
+    _, widget = viewer.window.add_plugin_dock_widget("lungmets", "Review lesions")
+    layer, session = widget.layer, widget.session
+    viewer.add_image(np.zeros((8, 8)))
+    other = results.parent / "other"
+    shutil.copytree(results, other)
+    add(viewer, get_results_reader(str(other))(str(other)))
+    assert widget.layer is layer and widget.session is session
+    assert widget.layer_box.count() == 2
+    viewer.layers.remove(layer)  # its layer gone: the other result is reviewed
+    assert widget.session is not None and widget.session.folder == other

@@ -46,3 +46,4 @@ def test_teach_widget_fine_tunes_and_compares_the_counts(
     # The new results are shown beside the old ones.
     new = [lyr for lyr in viewer.layers if lyr.metadata.get("lungmets_results") == c["results"]]
     assert {lyr.metadata["lungmets_kind"] for lyr in new} == {"cells", "lesions"}
+    assert all(lyr.name.endswith("(taught)") for lyr in new)
