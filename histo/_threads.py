@@ -44,3 +44,15 @@ def iter_in_thread(
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def run_reporting(gen: Generator, progress: Callable[..., Any] | None = None) -> Any:
+    """Run a progress generator to its end, calling ``progress(*step)`` for each step it
+    yields (the inverse of `iter_in_thread`); returns what the generator returns."""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(*step)

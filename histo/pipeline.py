@@ -531,14 +531,9 @@ def analyze_slide(
 
     Takes the same arguments as `iter_analyze_slide`.
     """
-    gen = iter_analyze_slide(path, config, **kwargs)
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(*step)
+    from ._threads import run_reporting
+
+    return run_reporting(iter_analyze_slide(path, config, **kwargs), progress)
 
 
 def _channels_arg(channels):

@@ -392,14 +392,9 @@ def teach(out, folders, *, progress=None, **kwargs) -> TeachResult:
     """Fine-tune a model on the reviews of `folders` and save it to `out` (.pt + .json);
     `progress(done, total, message)` is called as it goes. Takes the arguments of
     `iter_teach`."""
-    gen = iter_teach(out, folders, **kwargs)
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(*step)
+    from histo._threads import run_reporting
+
+    return run_reporting(iter_teach(out, folders, **kwargs), progress)
 
 
 def iter_teach(

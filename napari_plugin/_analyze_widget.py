@@ -32,6 +32,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._widget_util import advance
+
 if TYPE_CHECKING:
     import napari
 
@@ -372,12 +374,7 @@ class AnalyzeWidget(QWidget):
 
     def _on_progress(self, step) -> None:
         done, total, message = step
-        if self._pbar is not None:
-            if self._pbar.total != total:
-                self._pbar.total = total
-                self._pbar.n = 0
-            self._pbar.set_description(f"lungmets: {message}")
-            self._pbar.update(done - self._pbar.n)
+        advance(self._pbar, done, total, message)
         if message == "chunks":
             self._set_status(f"Analysing: {done} of {total} chunks")
         else:

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_util import refill_layer_box, result_layers_of
+from ._widget_util import advance, refill_layer_box, result_layers_of
 
 
 def teach_and_compare(out, folders, slide_folder, *, init_model=None, steps=300, **kwargs):
@@ -205,12 +205,7 @@ class TeachWidget(QWidget):
 
     def _on_progress(self, step) -> None:
         done, total, message = step
-        if self._pbar is not None:
-            if self._pbar.total != total:
-                self._pbar.total = total
-                self._pbar.n = 0
-            self._pbar.set_description(f"lungmets: {message}")
-            self._pbar.update(done - self._pbar.n)
+        advance(self._pbar, done, total, message)
         self._set_status(f"{message[:1].upper()}{message[1:]} ({done}/{total}) …")
 
     def _on_returned(self, value) -> None:

@@ -56,6 +56,17 @@ def shared_session(folder):
     return session
 
 
+def advance(pbar, done: int, total: int, message: str) -> None:
+    """Move a napari progress bar to ``done`` of ``total`` (a new total starts it again)."""
+    if pbar is None:
+        return
+    if pbar.total != total:
+        pbar.total = total
+        pbar.n = 0
+    pbar.set_description(f"lungmets: {message}")
+    pbar.update(done - pbar.n)
+
+
 def drop_session(folder) -> None:
     """Forget a folder's shared session (its journal was written by someone else)."""
     _SESSIONS.pop(_stamp(folder)[0], None)
