@@ -5,5 +5,6 @@ __version__ = "0.1.0"
 #: Raised whenever the same slide, settings and model give other results (a change of method,
 #: not of speed): part of every run key, so finished results of an older revision are analysed
 #: again, and ``lungmets rethreshold`` does not pass them off as current. 2: Ki67 taken out of
-#: HER2's bleed-through (2026-12-02).
-ANALYSIS_REVISION = 2
+#: HER2's bleed-through (2026-12-02). 3: detected cells whose HER2 autofluorescence explains are
+#: left out (`histo.markers.her2_over_autofluorescence`).
+ANALYSIS_REVISION = 3

@@ -331,6 +331,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             model_path=None if args.model is None else str(args.model),
             ki67_threshold=args.ki67_threshold,
             her2_threshold=args.her2_threshold,
+            her2_min_over_autofluorescence=args.her2_over_autofluorescence,
         )
     except ValueError as exc:
         raise InputError(f"bad analysis settings: {exc}") from None
@@ -785,6 +786,15 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         help="mean HER2 of a detected cell above the offset below which it is not counted; "
         "auto: calibrated on each slide's ordinary cells; off: every detected cell counts "
         "(default: %(default)s; the calibrated value is reported in summary.json)",
+    )
+    parser.add_argument(
+        "--her2-over-autofluorescence",
+        type=_non_negative_float,
+        default=_DEFAULTS.her2_min_over_autofluorescence,
+        metavar="RATIO",
+        help="a detected cell counts only when its cytoplasmic HER2 is more than RATIO times "
+        "what autofluorescence gives there (predicted from its cytoplasmic Ki67 and the "
+        "slide's HER2/Ki67 autofluorescence); 0: no check (default: %(default)s)",
     )
     parser.add_argument(
         "--chunk-size",

@@ -87,6 +87,13 @@ class AnalysisConfig:
         Mean HER2 over a detected cell above the offset (counts) below which it is not
         counted; ``"auto"``: calibrated on the slide's ordinary cells (`histo.markers`);
         ``"off"`` (default): the detector's calls stand (the calibrated value is reported).
+    her2_min_over_autofluorescence : float
+        A detected cell counts only when the HER2 of its cytoplasm is more than this multiple
+        of the HER2 autofluorescence would give there, predicted from its cytoplasmic Ki67
+        and the slide's own HER2/Ki67 autofluorescence ratio
+        (`histo.markers.her2_over_autofluorescence`): bright autofluorescent cells
+        (hepatocytes, macrophages) are not HER2+. 0 turns the check off. Needs Ki67 and the
+        network detector (the classical one has its own `autofluorescence_max_ratio`).
     """
 
     method: str = "unet"
@@ -118,6 +125,7 @@ class AnalysisConfig:
     ki67_min_ratio: float = 4.0
     ki67_threshold: float | str = "auto"
     her2_threshold: float | str = "off"
+    her2_min_over_autofluorescence: float = 1.1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -128,6 +136,11 @@ class AnalysisConfig:
             raise ValueError(f"halo_px must be >= 0, got {self.halo_px}")
         if not 1 < self.cluster_min_cells < self.focus_min_cells:
             raise ValueError("need 1 < cluster_min_cells < focus_min_cells")
+        if not self.her2_min_over_autofluorescence >= 0:
+            raise ValueError(
+                "her2_min_over_autofluorescence must be >= 0 (0: no check), got "
+                f"{self.her2_min_over_autofluorescence!r}"
+            )
         for name, words in (
             ("ki67_threshold", ("auto", "detector")),
             ("her2_threshold", ("auto", "off")),

@@ -23,6 +23,7 @@ The intensity the call is made on stays in cells.csv (``ki67_mean``; as measured
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -72,6 +73,11 @@ class MarkerThreshold:
     histogram : dict or None
         What the threshold was calibrated on, for a plot: ``edges_log10`` (bin edges, log10
         counts) and the counts of ``nuclei`` (the slide's nuclei) and ``cells`` (HER2+ cells).
+    autofluorescence : dict or None
+        HER2: the check of every detected cell against autofluorescence
+        (`her2_over_autofluorescence`): ``her2_per_ki67`` (the slide's autofluorescence
+        ratio), ``min_ratio`` (the setting), ``removed`` (cells taken out), or a ``note``
+        where it could not be made.
     compensation : dict or None
         Ki67: the bleed-through taken out of every nucleus before calibration
         (`compensate_ki67`): ``her2_into_ki67`` and ``dapi_into_her2`` (shares of the source
@@ -92,6 +98,7 @@ class MarkerThreshold:
     calibrated: dict | None = None
     histogram: dict | None = None
     compensation: dict | None = None
+    autofluorescence: dict | None = None
 
     def not_applied(self) -> MarkerThreshold:
         """The same figures, reported only (the detector's calls stand)."""
@@ -99,7 +106,7 @@ class MarkerThreshold:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("calibrated", "histogram", "compensation"):
+        for k in ("calibrated", "histogram", "compensation", "autofluorescence"):
             if d[k] is None:
                 del d[k]
         for k, v in d.items():
@@ -409,6 +416,62 @@ def compensate_ki67(
     """
     own_her2 = np.maximum(np.asarray(her2, np.float64) - dapi_into_her2 * np.asarray(dapi), 0.0)
     return np.asarray(ki67, np.float64) - her2_into_ki67 * own_her2
+
+
+def her2_over_autofluorescence(
+    her2: np.ndarray,
+    ki67: np.ndarray,
+    *,
+    her2_per_ki67: float,
+    her2_into_ki67: float = 0.0,
+) -> np.ndarray:
+    """Each cell's HER2 over the HER2 its autofluorescence would give.
+
+    Autofluorescence has one spectrum: wherever tissue glows (hepatocytes, macrophages,
+    elastin), its HER2 and Ki67 stand in the slide's own ratio, `her2_per_ki67` (the tissue's
+    autofluorescence levels, `histo.tissue.stain_levels`), however bright or uneven it is. Ki67
+    is nuclear, so over the parts of a cell away from its nucleus the Ki67 channel holds
+    autofluorescence, HER2's bleed-through (taken out with `her2_into_ki67`) and light from
+    Ki67+ nuclei nearby, which only ever adds: it is an upper bound of the autofluorescence
+    there, and ``her2_per_ki67`` times it an upper bound of the HER2 autofluorescence explains.
+    Measured over several parts of the cell (columns), the largest ratio (the tightest bound)
+    is returned. A ratio at or below 1 is a cell autofluorescence explains entirely; HER2+
+    cells stand several times above it.
+
+    Parameters
+    ----------
+    her2, ki67 : ndarray, shape (n,) or (n, parts)
+        Mean HER2 and Ki67 above the camera offset (counts) over a part of each cell away from
+        its nucleus (its cytoplasm; the half of it lowest in Ki67), one column per part.
+    her2_per_ki67 : float
+        Autofluorescence of HER2 over that of Ki67 on this slide.
+    her2_into_ki67 : float
+        Share of HER2 seen through the Ki67 filter (`spillover`).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The ratio per cell (NaN where no part was measured; +inf where a part holds no Ki67
+        beyond HER2's bleed-through).
+
+    Examples
+    --------
+    >>> her2 = np.array([[200.0, 210.0], [900.0, 500.0]])
+    >>> ki67 = np.array([[40.0, 40.0], [45.0, 60.0]])
+    >>> her2_over_autofluorescence(her2, ki67, her2_per_ki67=5.0).round(2)
+    array([1.05, 4.  ])
+    """
+    h = np.asarray(her2, np.float64)
+    h = h.reshape(len(h), -1)
+    k = np.asarray(ki67, np.float64).reshape(h.shape) - her2_into_ki67 * h
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(k > 0, h / (her2_per_ki67 * np.where(k > 0, k, 1.0)), np.inf)
+    ratio[~(np.isfinite(h) & np.isfinite(k))] = np.nan
+    if ratio.shape[1] == 0:
+        return np.full(len(h), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN
+        return np.nanmax(ratio, axis=1)
 
 
 def user_threshold(

@@ -242,7 +242,7 @@ def detect_cells_unet(
     her2_mean, cell_px = means(her2, regions)
     dapi_mean, nuc_px = means(dapi, nucleus)
     area = (factor * pixel_size_um) ** 2
-    ki67_mean = her2_nucleus = ki67_cyto = her2_cyto = np.nan
+    ki67_mean = her2_nucleus = ki67_cyto = her2_cyto = ki67_low = her2_low_ki67 = np.nan
     if has_ki67:
         from scipy import ndimage as ndi
 
@@ -254,6 +254,15 @@ def detect_cells_unet(
         ki67_cyto, cyto_px = means(k, cyto)
         her2_cyto = np.where(cyto_px > 0, means(her2, cyto)[0], np.nan)
         ki67_cyto = np.where(cyto_px > 0, ki67_cyto, np.nan)
+        # The half of each cell lowest in Ki67 (away from a Ki67+ nucleus, found or not):
+        # what autofluorescence is measured against (`histo.markers.her2_over_autofluorescence`).
+        idx = np.arange(1, n + 1)
+        k_median = np.asarray(ndi.median(k, regions, idx), np.float32) if n else np.zeros(0)
+        low = np.where(regions > 0, k <= k_median[np.maximum(regions - 1, 0)], False)
+        low_regions = np.where(low, regions, 0)
+        her2_low_ki67, low_px = means(her2, low_regions)
+        ki67_low = np.where(low_px > 0, means(k, low_regions)[0], np.nan)
+        her2_low_ki67 = np.where(low_px > 0, her2_low_ki67, np.nan)
     out = pd.DataFrame(
         {
             "x_px": cells["x_px"].to_numpy(),
@@ -267,6 +276,8 @@ def detect_cells_unet(
             "her2_nucleus_mean": her2_nucleus,
             "ki67_cytoplasm_mean": ki67_cyto,
             "her2_cytoplasm_mean": her2_cyto,
+            "her2_low_ki67_mean": her2_low_ki67,
+            "ki67_low_mean": ki67_low,
             "nucleus_area_um2": nuc_px * area,
             "cell_area_um2": cell_px * area,
         }

@@ -335,11 +335,73 @@ def marker_thresholds(
             out["Ki67"] = auto
     if "ki67_raw_mean" not in cells:
         cells = cells.assign(ki67_raw_mean=cells["ki67_mean"])
+    cells, checked = _autofluorescence_check(slide, stain, config, out, cells)
+    out["HER2"] = replace(out["HER2"], autofluorescence=checked)
     return out, cells.drop(columns=[c for c in _BLEED_COLUMNS if c in cells])
 
 
-#: Per-cell measurements of the detector that serve only to measure bleed-through.
-_BLEED_COLUMNS = ("her2_nucleus_mean", "ki67_cytoplasm_mean", "her2_cytoplasm_mean")
+#: Tissue autofluorescence (flavins, lipofuscin, elastin) is broad: in neighbouring channels it
+#: stays within this factor of itself (3-6 on the generator's slides). A slide whose measured
+#: HER2/Ki67 levels differ more is one where at least one "autofluorescence" level is the
+#: stain's own haze (near-zero autofluorescence under dense HER2+ tumour measured 125): the
+#: check is not made there.
+MAX_AF_SPECTRUM_RATIO = 20.0
+
+
+def _autofluorescence_check(slide, stain, config, thresholds, cells):
+    """`cells` without those whose HER2 autofluorescence explains
+    (`histo.markers.her2_over_autofluorescence` at most
+    ``config.her2_min_over_autofluorescence``), with the ratio as ``her2_af_ratio``; and what
+    was done (a dict for `MarkerThreshold.autofluorescence`)."""
+    from .markers import her2_over_autofluorescence
+
+    minimum = float(config.her2_min_over_autofluorescence)
+    if minimum <= 0:
+        return cells, {"min_ratio": 0.0, "note": "check turned off"}
+    if "Ki67" not in slide.roles:
+        return cells, {"min_ratio": minimum, "note": "no Ki67 channel to predict it from"}
+    if "ki67_low_mean" not in cells:
+        return cells, {"min_ratio": minimum, "note": "not measured by this detector"}
+    h, k = slide.roles["HER2"], slide.roles["Ki67"]
+    integer = np.issubdtype(slide.levels[0].dtype, np.integer)
+    af_h, af_k = stain.autofluorescence[h], stain.autofluorescence[k]
+    if min(af_h, af_k) < (1.0 if integer else 1e-6):
+        # Without measurable autofluorescence there is nothing it could explain.
+        return cells, {"min_ratio": minimum, "note": "no measurable autofluorescence"}
+    ratio_af = af_h / af_k
+    if not 1 / MAX_AF_SPECTRUM_RATIO <= ratio_af <= MAX_AF_SPECTRUM_RATIO:
+        return cells, {
+            "her2_per_ki67": round(ratio_af, 4),
+            "min_ratio": minimum,
+            "note": "HER2/Ki67 autofluorescence ratio not plausible for tissue; not checked",
+        }
+    ki67 = thresholds.get("Ki67")
+    share = (ki67.compensation or {}).get("her2_into_ki67", 0.0) if ki67 else 0.0
+    ratio = her2_over_autofluorescence(
+        cells[["her2_cytoplasm_mean", "her2_low_ki67_mean"]].to_numpy(np.float64),
+        cells[["ki67_cytoplasm_mean", "ki67_low_mean"]].to_numpy(np.float64),
+        her2_per_ki67=af_h / af_k,
+        her2_into_ki67=share or 0.0,
+    )
+    explained = ratio <= minimum  # NaN (cytoplasm not measured) is kept
+    cells = cells.assign(her2_af_ratio=ratio)[~explained].reset_index(drop=True)
+    done = {
+        "her2_per_ki67": round(af_h / af_k, 4),
+        "min_ratio": minimum,
+        "removed": int(explained.sum()),
+    }
+    return cells, done
+
+
+#: Per-cell measurements of the detector that serve only to measure bleed-through
+#: (and to tell HER2 from autofluorescence).
+_BLEED_COLUMNS = (
+    "her2_nucleus_mean",
+    "ki67_cytoplasm_mean",
+    "her2_cytoplasm_mean",
+    "her2_low_ki67_mean",
+    "ki67_low_mean",
+)
 
 
 def _compensate_ki67(windows, offset, stain, roles, common, values, cells):
@@ -356,7 +418,7 @@ def _compensate_ki67(windows, offset, stain, roles, common, values, cells):
 
     cells = cells.copy()
     cells["ki67_raw_mean"] = cells.get("ki67_mean", np.nan)
-    if not set(_BLEED_COLUMNS) <= set(cells.columns):
+    if not set(_BLEED_COLUMNS[:3]) <= set(cells.columns):
         return values, cells, {"note": "not measured by this detector"}
     d, h = roles["DAPI"], roles["HER2"]
     her2_nuc = nuclear_means(windows, offset, d, h, **common)

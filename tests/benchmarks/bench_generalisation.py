@@ -9,7 +9,8 @@ The shipped network (v2) is itself the leave-family-out model: it was trained wi
 family held out, entirely (HER2 pattern, dynamic range, tissue layout) or beyond a middle range
 (the others); its recipe is in models/weights/MODEL_CARD.md. Any other model can be scored the
 same way (``--models NAME=PATH``; ``lungmets train ... --exclude-families ...`` makes one;
-``NAME=PATH:her2=auto`` runs it with ``--her2-threshold auto``).
+``NAME=PATH:her2=auto`` runs it with ``--her2-threshold auto``; ``NAME=PATH:af=0`` without the
+autofluorescence check).
 
 Every held-out case of `histo.synthetic._appearance.FAMILIES` (and the default style, for
 reference) is drawn on two infected sections (IAV 15 and 28 dpi, seeds 91000+, never used in
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, write_section  # noqa: E402
 
 SECTIONS = [("IAV", 15), ("IAV", 28)]
+_AF_DEFAULT = AnalysisConfig().her2_min_over_autofluorescence
 SEED = 91000
 FIELD_UM = (1024, 768)
 
@@ -77,7 +79,7 @@ def case_slides(data: Path, index: int, app: Appearance, px: float) -> list[Path
 def _detector_key(config: AnalysisConfig) -> str:
     """What a cached result depends on: the method, the model's SHA-256, the lungmets version
     (after a change of the code, rerun with ``--force``)."""
-    from histo._version import __version__
+    from histo._version import ANALYSIS_REVISION, __version__
 
     key = config.method
     if config.method == "unet":
@@ -89,9 +91,11 @@ def _detector_key(config: AnalysisConfig) -> str:
         # The tensors' SHA-256 and the operating point in the JSON beside them.
         key += "-" + ident["sha256"][:12]
         key += "-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    if config.her2_min_over_autofluorescence != _AF_DEFAULT:
+        key += f"-af{config.her2_min_over_autofluorescence:g}"
     if config.her2_threshold != "off":
         key += f"-her2{config.her2_threshold}"
-    return f"{key}-{__version__}"
+    return f"{key}-{__version__}-r{ANALYSIS_REVISION}"
 
 
 def score(results_truths) -> dict:
@@ -138,9 +142,12 @@ def main() -> None:
     detectors = {}
     for item in filter(None, args.models.split(",")):
         name, path = item.split("=", 1)
+        path, _, af = path.partition(":af=")
         path, _, her2 = path.partition(":her2=")
         detectors[name] = AnalysisConfig(
-            model_path=None if path == "default" else path, her2_threshold=her2 or "off"
+            model_path=None if path == "default" else path,
+            her2_threshold=her2 or "off",
+            her2_min_over_autofluorescence=float(af) if af else _AF_DEFAULT,
         )
     for m in filter(None, args.methods.split(",")):
         detectors[m] = AnalysisConfig(method=m)

@@ -22,6 +22,7 @@ from histo.markers import (
     apply_threshold,
     calibrate_threshold,
     compensate_ki67,
+    her2_over_autofluorescence,
     spillover,
     user_threshold,
 )
@@ -143,6 +144,44 @@ def test_compensation_takes_out_her2s_own_signal_and_never_adds():
     # HER2's own signal: 500 - 0.25 * 800 = 300, a quarter of it seen in Ki67; the third
     # nucleus has no HER2 of its own (100 < 200): nothing taken out, nothing added.
     np.testing.assert_allclose(out, [25.0, 525.0, 20.0])
+
+
+def test_autofluorescence_is_explained_however_bright_and_her2_is_not():
+    rng = np.random.default_rng(3)
+    her2_per_ki67 = 5.0
+    # Autofluorescent cells over a 30x range of brightness (uneven tissue): HER2 and Ki67 in
+    # the slide's ratio, with 10% noise each.
+    glow = rng.lognormal(np.log(60.0), 1.0, 500)
+    af = her2_over_autofluorescence(
+        her2_per_ki67 * glow * rng.normal(1, 0.1, 500),
+        glow * rng.normal(1, 0.1, 500),
+        her2_per_ki67=her2_per_ki67,
+    )
+    assert 0.9 < np.median(af) < 1.1
+    assert np.mean(af > 1.5) < 0.01
+    # HER2+ cells: their own HER2 (3x the autofluorescence or more) on top of it.
+    own = rng.uniform(3, 20, 500) * her2_per_ki67 * glow
+    pos = her2_over_autofluorescence(her2_per_ki67 * glow + own, glow, her2_per_ki67=her2_per_ki67)
+    np.testing.assert_allclose(pos, 1 + own / (her2_per_ki67 * glow))
+    assert pos.min() > 3.9
+    # A quarter of HER2 seen through the Ki67 filter raises Ki67 with HER2: once taken out, the
+    # same ratios come back.
+    leaked = her2_over_autofluorescence(
+        her2_per_ki67 * glow + own,
+        glow + 0.25 * (her2_per_ki67 * glow + own),
+        her2_per_ki67=her2_per_ki67,
+        her2_into_ki67=0.25,
+    )
+    np.testing.assert_allclose(leaked, pos)
+
+
+def test_the_part_of_the_cell_least_lit_by_ki67_decides_and_unmeasured_cells_stay_unknown():
+    # Cytoplasm lit by a Ki67+ nucleus nearby (Ki67 4x its autofluorescence) and the half of the
+    # cell lowest in Ki67 (autofluorescence only): the tighter bound, the second, decides.
+    her2 = np.array([[600.0, 600.0], [np.nan, np.nan], [np.nan, 300.0]])
+    ki67 = np.array([[120.0, 30.0], [np.nan, np.nan], [np.nan, 60.0]])
+    ratio = her2_over_autofluorescence(her2, ki67, her2_per_ki67=5.0)
+    np.testing.assert_allclose(ratio, [600 / 150, np.nan, 300 / 300])
 
 
 @pytest.fixture(scope="module")
