@@ -442,7 +442,7 @@ def her2_over_autofluorescence(
     ----------
     her2, ki67 : ndarray, shape (n,) or (n, parts)
         Mean HER2 and Ki67 above the camera offset (counts) over a part of each cell away from
-        its nucleus (its cytoplasm; the half of it lowest in Ki67), one column per part.
+        its nucleus (its cytoplasm; the third of it lowest in Ki67), one column per part.
     her2_per_ki67 : float
         Autofluorescence of HER2 over that of Ki67 on this slide.
     her2_into_ki67 : float

@@ -176,7 +176,7 @@ def test_autofluorescence_is_explained_however_bright_and_her2_is_not():
 
 
 def test_the_part_of_the_cell_least_lit_by_ki67_decides_and_unmeasured_cells_stay_unknown():
-    # Cytoplasm lit by a Ki67+ nucleus nearby (Ki67 4x its autofluorescence) and the half of the
+    # Cytoplasm lit by a Ki67+ nucleus nearby (Ki67 4x its autofluorescence) and the third of the
     # cell lowest in Ki67 (autofluorescence only): the tighter bound, the second, decides.
     her2 = np.array([[600.0, 600.0], [np.nan, np.nan], [np.nan, 300.0]])
     ki67 = np.array([[120.0, 30.0], [np.nan, np.nan], [np.nan, 60.0]])

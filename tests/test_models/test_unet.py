@@ -106,6 +106,21 @@ def test_block_mean_matches_numpy():
     np.testing.assert_array_equal(block_mean(a, 1), a.astype(np.float32))
 
 
+def test_label_quantile_matches_numpy_per_label():
+    from histo.network import _label_quantile
+
+    rng = np.random.default_rng(5)
+    values = rng.random((40, 50)).astype(np.float32)
+    labels = rng.integers(0, 6, (40, 50))
+    labels[labels == 4] = 0  # a label without pixels
+    got = _label_quantile(values, labels, 5, 1 / 3)
+    assert got[0] == -np.inf and got[4] == -np.inf
+    for lab in (1, 2, 3, 5):
+        v = np.sort(values[labels == lab])
+        assert got[lab] == v[int((v.size - 1) / 3)]
+        assert got[lab] == np.quantile(v, 1 / 3, method="lower")
+
+
 def test_cells_from_maps_finds_bumps_at_level0_positions():
     maps = np.zeros((3, 64, 64), np.float32)
     yy, xx = np.mgrid[0:64, 0:64]
