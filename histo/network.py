@@ -209,7 +209,13 @@ def detect_cells_unet(
     tile = int(model.config.get("tile_px", 512))
     try:
         maps = predict_maps(
-            model.net, x, model.device, screen=screen, tile=tile, batch_size=config.batch_size
+            model.fast_net,
+            x,
+            model.device,
+            screen=screen,
+            tile=tile,
+            batch_size=config.batch_size,
+            channels_last=True,
         )
     except torch.cuda.OutOfMemoryError:
         import logging
@@ -218,12 +224,28 @@ def detect_cells_unet(
         log.warning("GPU out of memory with batch %d; retrying with batch 1", config.batch_size)
         torch.cuda.empty_cache()
         try:
-            maps = predict_maps(model.net, x, model.device, screen=screen, tile=tile, batch_size=1)
+            maps = predict_maps(
+                model.fast_net,
+                x,
+                model.device,
+                screen=screen,
+                tile=tile,
+                batch_size=1,
+                channels_last=True,
+            )
         except torch.cuda.OutOfMemoryError:
             log.warning("GPU out of memory with batch 1; running this chunk on the CPU")
             torch.cuda.empty_cache()
             cpu = load_model(config.model_path, "cpu")
-            maps = predict_maps(cpu.net, x, cpu.device, screen=screen, tile=tile, batch_size=1)
+            maps = predict_maps(
+                cpu.fast_net,
+                x,
+                cpu.device,
+                screen=screen,
+                tile=tile,
+                batch_size=1,
+                channels_last=True,
+            )
     has_ki67 = "Ki67" in roles
     # The model's own operating point (calibrated on its validation slides; see its JSON).
     min_centre = float(model.config.get("centre_threshold", 0.3))

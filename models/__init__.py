@@ -29,6 +29,14 @@ class LoadedModel:
         self.path = path
         self.device = device
 
+    @functools.cached_property
+    def fast_net(self):
+        """The network fused and channels-last for inference (`models.infer.fast_inference_net`;
+        built once, on first use)."""
+        from .infer import fast_inference_net
+
+        return fast_inference_net(self.net)
+
     @property
     def sha256(self) -> str:
         return self.config["sha256"]

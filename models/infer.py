@@ -161,6 +161,27 @@ def _warn_once(msg: str) -> None:
         log.warning(msg)
 
 
+def fast_inference_net(net):
+    """A copy of a `models.unet.UNet` for inference only, with the same maps, faster.
+
+    Every convolution is fused with its batch norm and ReLU (one pass over the activations
+    instead of three) and the weights are stored channels-last, the memory order oneDNN's CPU
+    convolutions run fastest in: 1.5x faster forward passes on this project's 2-core machine
+    (tests/benchmarks/profile_run.py), maps equal to the original's within 1e-5 (logits).
+    Use it with ``predict_maps(..., channels_last=True)``. The original is not changed and
+    stays the one to train.
+    """
+    import copy
+
+    import torch
+    from torch.ao.quantization import fuse_modules
+
+    fast = copy.deepcopy(net).eval()
+    for block in [*fast.down, *fast.fuse]:
+        fuse_modules(block, [["0", "1", "2"], ["3", "4", "5"]], inplace=True)
+    return fast.to(memory_format=torch.channels_last)
+
+
 def predict_maps(
     model,
     x: np.ndarray,
@@ -172,6 +193,7 @@ def predict_maps(
     screen: np.ndarray | None = None,
     screen_tile: int = 192,
     screen_margin: int = 32,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Probability maps (3, H, W) of the network on an input (4, H, W) of any size.
 
@@ -180,7 +202,8 @@ def predict_maps(
     barely depend on where tiles fall. With a boolean `screen` map (H, W), smaller tiles
     (`screen_tile` px with `screen_margin` px of context; on CPU small tiles are also faster per
     pixel) are used and those whose core holds no True pixel are skipped (their maps stay 0).
-    Runs under `torch.inference_mode`, with autocast (float16) on CUDA.
+    Runs under `torch.inference_mode`, with autocast (float16) on CUDA; with `channels_last`
+    the batches are handed over in channels-last memory order (for `fast_inference_net`).
     """
     import torch
 
@@ -214,6 +237,8 @@ def predict_maps(
                 ]
             )
             t = torch.from_numpy(batch).to(device)
+            if channels_last:
+                t = t.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", enabled=use_amp):
                 logits = model(t)
             prob = torch.sigmoid(logits.float()).cpu().numpy()

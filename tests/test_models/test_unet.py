@@ -16,7 +16,7 @@ from histo.evaluate import evaluate_cells, evaluate_lesions
 from histo.pipeline import analyze_slide
 from histo.synthetic import generate_slide
 from models import DEFAULT_MODEL, load_model, model_config
-from models.infer import cells_from_maps, predict_maps
+from models.infer import cells_from_maps, fast_inference_net, predict_maps, to_model_input
 from models.train import (
     TrainConfig,
     golden_output,
@@ -221,6 +221,37 @@ def test_screened_and_dense_inference_agree(held_out):
     )
     assert len(pi) >= 0.99 * len(dense.lesions)
     assert abs(len(screened.cells) - len(dense.cells)) <= max(1, 0.01 * len(dense.cells))
+
+
+def test_fast_and_reference_networks_give_identical_cells(held_out):
+    """The fused, channels-last copy the pipeline runs (`fast_inference_net`) against the
+    network as trained, on a generated slide at the model's resolution."""
+    from histo.io import open_slide
+    from histo.pipeline import measure_background
+
+    model = load_model(None, "cpu")
+    slide = open_slide(held_out.path)
+    um = model.config["input_um_per_px"]
+    factor = round(um / slide.pixel_size_um)
+    pixels = slide.read_region(0, 0, slide.shape_px[0], 0, slide.shape_px[1])
+    _, _, stain = measure_background(slide, AnalysisConfig())
+    x = to_model_input(pixels, slide.roles, stain, factor)
+    ref = predict_maps(model.net, x, model.device, tile=256, margin=32)
+    fast = predict_maps(
+        fast_inference_net(model.net), x, model.device, tile=256, margin=32, channels_last=True
+    )
+    assert np.abs(fast - ref).max() < 1e-4
+    a = cells_from_maps(ref, factor=factor, origin_px=(0, 0), has_ki67=True, min_centre=0.9)
+    b = cells_from_maps(fast, factor=factor, origin_px=(0, 0), has_ki67=True, min_centre=0.9)
+    assert len(a) >= 30
+    # The same cells: positions (sub-pixel, from the maps around each peak) within 0.01 px.
+    assert len(a) == len(b)
+    np.testing.assert_allclose(
+        a[["y_px", "x_px"]].to_numpy(), b[["y_px", "x_px"]].to_numpy(), rtol=0, atol=0.01
+    )
+    np.testing.assert_array_equal(a["ki67_pos"].to_numpy(bool), b["ki67_pos"].to_numpy(bool))
+    # The model keeps its own, trainable network unfused.
+    assert isinstance(model.net.down[0][1], torch.nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize("chunk_size_px", [512, 1024])
