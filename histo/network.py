@@ -207,16 +207,20 @@ def detect_cells_unet(
         nuclear_ratio = stain.nuclear[d] / stain.autofluorescence[d]
         screen = screen_mask(x, config, nuclear_ratio=nuclear_ratio, model_um_per_px=um)
     tile = int(model.config.get("tile_px", 512))
-    try:
-        maps = predict_maps(
-            model.fast_net,
+
+    def run(loaded, batch_size):
+        return predict_maps(
+            loaded.fast_net,
             x,
-            model.device,
+            loaded.device,
             screen=screen,
             tile=tile,
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             channels_last=True,
         )
+
+    try:
+        maps = run(model, config.batch_size)
     except torch.cuda.OutOfMemoryError:
         import logging
 
@@ -224,28 +228,11 @@ def detect_cells_unet(
         log.warning("GPU out of memory with batch %d; retrying with batch 1", config.batch_size)
         torch.cuda.empty_cache()
         try:
-            maps = predict_maps(
-                model.fast_net,
-                x,
-                model.device,
-                screen=screen,
-                tile=tile,
-                batch_size=1,
-                channels_last=True,
-            )
+            maps = run(model, 1)
         except torch.cuda.OutOfMemoryError:
             log.warning("GPU out of memory with batch 1; running this chunk on the CPU")
             torch.cuda.empty_cache()
-            cpu = load_model(config.model_path, "cpu")
-            maps = predict_maps(
-                cpu.fast_net,
-                x,
-                cpu.device,
-                screen=screen,
-                tile=tile,
-                batch_size=1,
-                channels_last=True,
-            )
+            maps = run(load_model(config.model_path, "cpu"), 1)
     has_ki67 = "Ki67" in roles
     # The model's own operating point (calibrated on its validation slides; see its JSON).
     min_centre = float(model.config.get("centre_threshold", 0.3))
