@@ -486,6 +486,24 @@ def _structures(rng, design_shape, tissue, dist, halfwidth, area_mm2):
 # ----------------------------------------------------------------------------- cancer lesions
 
 
+def _against_outside(ang, centres, r_cells, nuc_offs, a_nucs, r_cell, nuc_off, a_nuc, overlap):
+    """The first place, walking out from the lesion's centroid along `ang`, where a new cell
+    fits (cell and nucleus spacing as in packing): it touches the lesion, so the lesion stays
+    one lesion under any linking distance longer than a cell (a cell dropped further out would
+    be a satellite lesion of its own, not part of this one)."""
+    ray = np.array([math.sin(ang), math.cos(ang)])
+    origin = centres.mean(axis=0)
+    t = np.arange(0.0, np.hypot(*(centres - origin).T).max() + 4 * r_cell + 2.0, 0.25)
+    cand = origin + t[:, None] * ray
+    d_c = np.hypot(*(cand[:, None, :] - centres[None]).transpose(2, 0, 1))
+    nuc = cand + nuc_off
+    d_n = np.hypot(*(nuc[:, None, :] - (centres + nuc_offs)[None]).transpose(2, 0, 1))
+    fits = np.all(d_c >= overlap * (r_cells + r_cell), axis=1) & np.all(
+        d_n >= a_nucs + a_nuc + 0.6, axis=1
+    )
+    return cand[int(np.argmax(fits))]
+
+
 def _grow_lesion(rng, n, app: Appearance = DEFAULT_APPEARANCE):
     """Cell centres (um, relative), cell radii, nucleus centres, semi-axes and angles."""
     d_lo, d_hi = app.cell_diameter_um
@@ -520,10 +538,18 @@ def _grow_lesion(rng, n, app: Appearance = DEFAULT_APPEARANCE):
             dc = np.hypot(*(cand - centres[:placed].mean(axis=0)))
             if dc < best_d:
                 best, best_d = cand, dc
-        if best is None:  # could not pack: put it on the outside
-            ang = rng.uniform(0, 2 * math.pi)
-            rad = np.hypot(*centres[:placed].T).max() + 2.2 * r_cell[k]
-            best = np.array([math.sin(ang), math.cos(ang)]) * rad
+        if best is None:  # could not pack: put it against the outside of the lesion
+            best = _against_outside(
+                rng.uniform(0, 2 * math.pi),
+                centres[:placed],
+                r_cell[:placed],
+                nuc_off[:placed],
+                a_nuc[:placed],
+                r_cell[k],
+                nuc_off[k],
+                a_nuc[k],
+                min(0.84, 0.98 * p_lo),
+            )
         centres[k] = best
         placed += 1
     centres -= centres.mean(axis=0)

@@ -205,6 +205,54 @@ def test_infection_raises_her2_cells_several_fold_and_shifts_to_foci():
     assert pbs_single > 0.9  # control lungs: mostly solitary dormant cells
 
 
+@pytest.mark.parametrize(
+    "cell_diameter_um, packing",
+    [((12.0, 18.0), (0.86, 1.0)), ((9.0, 11.0), (0.7, 0.8)), ((21.0, 25.0), (0.7, 0.8))],
+)
+def test_each_true_lesion_is_one_lesion_under_the_linking_rule(cell_diameter_um, packing):
+    """A lesion's cells touch: the analysis's linking (cells closer than 25 um are one lesion)
+    gives back the generator's lesions whatever the cell size and packing. A cell that cannot
+    be packed used to be dropped up to 2.2 radii outside the lesion, which made small- and
+    large-cell foci split into satellites and the truth's classes disagree with the rule."""
+    from histo.config import AnalysisConfig
+    from histo.lesions import link_cells
+    from histo.synthetic._appearance import Appearance
+    from histo.synthetic._scene import _grow_lesion
+
+    app = Appearance(cell_diameter_um=cell_diameter_um, packing=packing)
+    link_um = AnalysisConfig().link_distance_um
+    rng = np.random.default_rng(7)
+    split = 0
+    for n in (2, 3, 4, 6, 12, 40, 150):
+        for _ in range(12):
+            centres = _grow_lesion(rng, n, app)[0]
+            cells = pd.DataFrame({"x_um": centres[:, 1], "y_um": centres[:, 0]})
+            split += len(np.unique(link_cells(cells, link_um))) > 1
+            gap = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+            np.fill_diagonal(gap, np.inf)
+            # Touching: no cell further from its nearest neighbour than a cell diameter.
+            assert gap.min(axis=1).max() <= cell_diameter_um[1] + 0.5
+    assert split == 0
+
+
+def test_small_cell_slide_truth_follows_the_linking_rule(tmp_path):
+    """On a drawn slide of 9-11 um cells, linking the true cells gives the true lesions."""
+    from histo.lesions import group_lesions
+    from histo.synthetic._appearance import Appearance
+
+    app = Appearance(cell_diameter_um=(9.0, 11.0), packing=(0.7, 0.8))
+    path = tmp_path / "small.ome.tif"
+    generate_slide(
+        path, size_px=(1536, 1280), group="IAV", dpi=28, seed=5, appearance=app, labels=False
+    )
+    truth = load_truth(path)
+    assert (truth.lesions["class"] == "focus").sum() >= 2
+    _, lesions = group_lesions(truth.cells.drop(columns=["cell_id", "lesion_id"]))
+    got = sorted(zip(lesions["n_cells"], lesions["class"], strict=True))
+    want = sorted(zip(truth.lesions["n_cells"], truth.lesions["class"], strict=True))
+    assert got == want
+
+
 @pytest.mark.slow
 def test_cohort_sheet_truth_and_direction_of_effect(tmp_path):
     samples = generate_cohort(
