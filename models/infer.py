@@ -182,6 +182,84 @@ def fast_inference_net(net):
     return fast.to(memory_format=torch.channels_last)
 
 
+def crop_boxes(
+    screen: np.ndarray,
+    *,
+    margin: int = 32,
+    pad: int = 8,
+    align: int = 16,
+    max_core: int = 384,
+) -> list[tuple[int, int, int, int]]:
+    """Where to run the network on a screened input: few crops that cover every True pixel.
+
+    Parameters
+    ----------
+    screen : ndarray of bool, shape (H, X)
+        Pixels the network must see (`histo.network.screen_mask`).
+    margin : int
+        Context each crop reads around its core (px); it costs network pixels too.
+    pad : int
+        Extra core kept around each group of True pixels (px), so that the cell map of a cell
+        whose nucleus is screened in is complete around it.
+    align : int
+        Cores start and end on multiples of this (a multiple of the network's total
+        downsampling), so every crop sees the same pooling grid as a dense pass.
+    max_core : int
+        Longest side of a core: larger groups (a big focus, tumour-dense tissue) are cut into
+        pieces of at most this size.
+
+    Returns
+    -------
+    list of (y0, y1, x0, x1)
+        Cores in input pixels; ``y1``/``x1`` may run past the input's edge by less than
+        `align` (the caller crops them). Every True pixel of `screen` lies in one of them.
+
+    Notes
+    -----
+    Each 8-connected group of True pixels gets the bounding box of its pixels grown by
+    `pad`; then two cores are merged whenever the crop of their union (core plus `margin` on
+    each side) costs no more network pixels than the two crops apart. Singles stay small
+    crops, a focus and its neighbours become one.
+
+    Examples
+    --------
+    >>> screen = np.zeros((256, 256), bool)
+    >>> screen[40:50, 40:50] = screen[200:210, 30:40] = True
+    >>> crop_boxes(screen)
+    [(32, 64, 32, 64), (192, 224, 16, 48)]
+    """
+    h, w = screen.shape
+    labels, n = ndi.label(screen, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return []
+    boxes = []
+    for sl in ndi.find_objects(labels):
+        y0 = max(0, sl[0].start - pad) // align * align
+        x0 = max(0, sl[1].start - pad) // align * align
+        y1 = -(-min(h, sl[0].stop + pad) // align) * align
+        x1 = -(-min(w, sl[1].stop + pad) // align) * align
+        for ys in range(y0, y1, max_core):
+            for xs in range(x0, x1, max_core):
+                boxes.append((ys, min(y1, ys + max_core), xs, min(x1, xs + max_core)))
+    b = np.array(boxes, np.int64)
+    m2 = 2 * margin
+    while len(b) > 1:
+        cost = (b[:, 1] - b[:, 0] + m2) * (b[:, 3] - b[:, 2] + m2)
+        uy0 = np.minimum.outer(b[:, 0], b[:, 0])
+        uy1 = np.maximum.outer(b[:, 1], b[:, 1])
+        ux0 = np.minimum.outer(b[:, 2], b[:, 2])
+        ux1 = np.maximum.outer(b[:, 3], b[:, 3])
+        saving = cost[:, None] + cost[None, :] - (uy1 - uy0 + m2) * (ux1 - ux0 + m2)
+        saving[(uy1 - uy0 > max_core) | (ux1 - ux0 > max_core)] = -1
+        np.fill_diagonal(saving, -1)
+        i, j = np.unravel_index(np.argmax(saving), saving.shape)
+        if saving[i, j] < 0:
+            break
+        b[i] = (uy0[i, j], uy1[i, j], ux0[i, j], ux1[i, j])
+        b = np.delete(b, j, axis=0)
+    return [tuple(int(v) for v in row) for row in b[np.lexsort((b[:, 2], b[:, 0]))]]
+
+
 def predict_maps(
     model,
     x: np.ndarray,
@@ -191,17 +269,17 @@ def predict_maps(
     margin: int = 48,
     batch_size: int = 4,
     screen: np.ndarray | None = None,
-    screen_tile: int = 192,
     screen_margin: int = 32,
     channels_last: bool = False,
 ) -> np.ndarray:
     """Probability maps (3, H, W) of the network on an input (4, H, W) of any size.
 
-    The input is cut into tiles of `tile` px that overlap by `margin` px of context on each
-    side (the network's receptive field), and each tile keeps only its centre, so results
-    barely depend on where tiles fall. With a boolean `screen` map (H, W), smaller tiles
-    (`screen_tile` px with `screen_margin` px of context; on CPU small tiles are also faster per
-    pixel) are used and those whose core holds no True pixel are skipped (their maps stay 0).
+    Without a screen the input is cut into tiles of `tile` px that overlap by `margin` px of
+    context on each side (the network's receptive field), and each tile keeps only its
+    centre, so results barely depend on where tiles fall. With a boolean `screen` map (H, W)
+    the network runs only on crops that cover its True pixels (`crop_boxes`, with
+    `screen_margin` px of context); elsewhere the maps stay 0. Crops of one shape go through
+    the network together, `batch_size` at a time.
     Runs under `torch.inference_mode`, with autocast (float16) on CUDA; with `channels_last`
     the batches are handed over in channels-last memory order (for `fast_inference_net`).
     """
@@ -209,32 +287,40 @@ def predict_maps(
 
     _, h, w = x.shape
     if screen is not None:
-        tile, margin = screen_tile, screen_margin
-    core = tile - 2 * margin
+        margin = screen_margin
+        cores = crop_boxes(screen, margin=margin)
+        groups: dict[tuple[int, int], list] = {}
+        for box in cores:
+            groups.setdefault((box[1] - box[0], box[3] - box[2]), []).append(box)
+        batches = [
+            boxes[i : i + batch_size]
+            for boxes in groups.values()
+            for i in range(0, len(boxes), batch_size)
+        ]
+        span = max(max(k) for k in groups) if groups else 0
+    else:
+        core = tile - 2 * margin
+        boxes = [
+            (y, min(h, y + core), xx, min(w, xx + core))
+            for y in range(0, h, core)
+            for xx in range(0, w, core)
+        ]
+        # Tiles at the right and bottom edges read past the input (reflected); they keep
+        # only their part inside it.
+        boxes = [(y0, y0 + core, x0, x0 + core) for y0, _, x0, _ in boxes]
+        batches = [boxes[i : i + batch_size] for i in range(0, len(boxes), batch_size)]
+        span = core
+    log.debug("network on %d crops", sum(len(b) for b in batches))
     out = np.zeros((3, h, w), np.float32)
-    boxes = []
-    for y in range(0, h, core):
-        for xx in range(0, w, core):
-            box = (y, min(h, y + core), xx, min(w, xx + core))
-            if screen is not None and not screen[box[0] : box[1], box[2] : box[3]].any():
-                continue
-            boxes.append(box)
-    log.debug("network on %d tiles of %d px", len(boxes), tile)
+    if not batches:
+        return out
     pad = margin
-    xp = np.pad(x, ((0, 0), (pad, pad + tile), (pad, pad + tile)), mode="reflect")
+    xp = np.pad(x, ((0, 0), (pad, pad + span), (pad, pad + span)), mode="reflect")
     use_amp = device.type == "cuda"
     with torch.inference_mode():
-        for i in range(0, len(boxes), batch_size):
-            group = boxes[i : i + batch_size]
+        for group in batches:
             batch = np.stack(
-                [
-                    xp[
-                        :,
-                        y0 + pad - margin : y0 + pad - margin + tile,
-                        x0 + pad - margin : x0 + pad - margin + tile,
-                    ]
-                    for y0, _, x0, _ in group
-                ]
+                [xp[:, y0 : y1 + 2 * margin, x0 : x1 + 2 * margin] for y0, y1, x0, x1 in group]
             )
             t = torch.from_numpy(batch).to(device)
             if channels_last:
@@ -243,6 +329,7 @@ def predict_maps(
                 logits = model(t)
             prob = torch.sigmoid(logits.float()).cpu().numpy()
             for (y0, y1, x0, x1), p in zip(group, prob, strict=True):
+                y1, x1 = min(y1, h), min(x1, w)
                 out[:, y0:y1, x0:x1] = p[:, margin : margin + y1 - y0, margin : margin + x1 - x0]
     return out
 

@@ -87,9 +87,9 @@ def held_out_slides(folder: Path, size: str):
         yield HELD_OUT_SEED + i, (group, dpi, ki67), s
 
 
-def synth_slide(path: Path, size: str, seed: int) -> Path:
-    """An infected (dpi 15) slide written by the real ``lungmets synth slide`` command."""
+def synth_slide(path: Path, size: str, seed: int, group: str = "IAV", dpi: int = 15) -> Path:
+    """A slide (infected, dpi 15 by default) written by the real ``lungmets synth slide``."""
     cmd = [sys.executable, "-m", "histo", "synth", "slide", str(path), "--size", size]
-    cmd += ["--group", "IAV", "--dpi", "15", "--seed", str(seed), "--no-labels"]
+    cmd += ["--group", group, "--dpi", str(dpi), "--seed", str(seed), "--no-labels"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return path

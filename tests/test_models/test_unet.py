@@ -52,9 +52,7 @@ def test_screened_tiles_are_skipped():
     x = np.random.default_rng(0).random((4, 256, 256), np.float32)
     screen = np.zeros((256, 256), bool)
     screen[10:20, 10:20] = True
-    maps = predict_maps(
-        net, x, torch.device("cpu"), screen=screen, screen_tile=64, screen_margin=16
-    )
+    maps = predict_maps(net, x, torch.device("cpu"), screen=screen, screen_margin=16)
     assert maps[:, :90, :90].max() > 0
     assert maps[:, 200:, 200:].max() == 0
 
@@ -208,19 +206,54 @@ def test_shipped_model_finds_the_lesions_of_a_generated_slide(held_out):
 
 
 def test_screened_and_dense_inference_agree(held_out):
+    """The screened run (the network on crops around candidates only) finds the dense pass's
+    cells: the same cells within 0.5 um with the same Ki67 call, and the same lesions."""
+    from histo.evaluate import match_points
+
     dense = analyze_slide(held_out.path, AnalysisConfig(method="unet", device="cpu", screen=False))
     screened = analyze_slide(
         held_out.path, AnalysisConfig(method="unet", device="cpu", screen=True)
     )
-    from histo.evaluate import match_points
+    d, s = dense.cells, screened.cells
+    assert len(d) >= 40
+    si, di = match_points(s[["x_um", "y_um"]].to_numpy(), d[["x_um", "y_um"]].to_numpy(), 0.5)
+    assert len(di) >= len(d) - 1 and len(s) <= len(d) + 1
+    assert (s["ki67_pos"].to_numpy(bool)[si] == d["ki67_pos"].to_numpy(bool)[di]).mean() >= 0.99
 
-    pi, _ = match_points(
-        screened.lesions[["x_um", "y_um"]].to_numpy(),
-        dense.lesions[["x_um", "y_um"]].to_numpy(),
-        1.0,
-    )
-    assert len(pi) >= 0.99 * len(dense.lesions)
-    assert abs(len(screened.cells) - len(dense.cells)) <= max(1, 0.01 * len(dense.cells))
+    def table(lesions):
+        return sorted(zip(lesions["n_cells"], lesions["class"], strict=True))
+
+    assert table(screened.lesions) == table(dense.lesions)
+
+
+def test_crops_cover_every_screened_pixel_on_the_pooling_grid():
+    from models.infer import crop_boxes
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        h, w = rng.integers(40, 700, 2)
+        screen = np.zeros((h, w), bool)
+        for _ in range(rng.integers(1, 30)):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            r = rng.integers(1, 12 if trial % 2 else 200)
+            screen[max(0, y - r) : y + r, max(0, x - r) : x + r] = True
+        boxes = crop_boxes(screen, margin=32, pad=8, align=16, max_core=384)
+        covered = np.zeros_like(screen)
+        for y0, y1, x0, x1 in boxes:
+            assert y0 % 16 == x0 % 16 == y1 % 16 == x1 % 16 == 0
+            assert 0 < y1 - y0 <= 384 and 0 < x1 - x0 <= 384
+            assert y1 - 16 < h and x1 - 16 < w  # past the edge by less than one step
+            covered[y0:y1, x0:x1] = True
+        assert covered[screen].all()
+        # Never more network pixels than the same cores as a 128-px tile grid would cost.
+        crop_px = sum((y1 - y0 + 64) * (x1 - x0 + 64) for y0, y1, x0, x1 in boxes)
+        grid = [
+            screen[y : y + 128, x : x + 128].any()
+            for y in range(0, h, 128)
+            for x in range(0, w, 128)
+        ]
+        assert crop_px <= 192 * 192 * sum(grid)
+    assert crop_boxes(np.zeros((50, 50), bool)) == []
 
 
 def test_fast_and_reference_networks_give_identical_cells(held_out):
