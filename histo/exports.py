@@ -17,7 +17,6 @@ OME-Zarr labels
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -38,21 +37,40 @@ def _radius_um(area_um2) -> np.ndarray:
     return np.where(np.isfinite(r) & (r > 0), r, _DEFAULT_RADIUS_UM)
 
 
-def _circle(x_px: float, y_px: float, r_px: float, n: int = 16) -> list[list[float]]:
+def _circles(x_px, y_px, r_px, n: int = 16) -> np.ndarray:
+    """Closed polygons (N, n + 1, 2) of n corners approximating circles, to 0.01 px."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    pts = [[round(x_px + r_px * math.cos(a), 2), round(y_px + r_px * math.sin(a), 2)] for a in t]
-    return pts + [pts[0]]
+    x, y, r = (np.asarray(v, float).reshape(-1, 1) for v in (x_px, y_px, r_px))
+    pts = np.stack([x + r * np.cos(t), y + r * np.sin(t)], axis=-1).round(2)
+    return np.concatenate([pts, pts[:, :1]], axis=1)
 
 
-def _measurements(row: pd.Series, skip=()) -> dict:
-    out = {}
-    for k, v in row.items():
+def _measurement_rows(table: pd.DataFrame, skip=()) -> list[dict]:
+    """Per row, its finite numbers and booleans as floats (QuPath measurements)."""
+    columns = []
+    for k in table.columns:
         if k in skip:
             continue
-        number = isinstance(v, int | float | np.integer | np.floating)
-        if isinstance(v, bool | np.bool_) or (number and np.isfinite(v)):
-            out[k] = float(v)
-    return out
+        col = table[k]
+        if pd.api.types.is_bool_dtype(col.dtype) or pd.api.types.is_numeric_dtype(col.dtype):
+            values = pd.to_numeric(col, errors="coerce").to_numpy(float, na_value=np.nan)
+        else:  # mixed: keep what is a number or a boolean, as one row at a time would
+            values = np.array(
+                [
+                    float(v)
+                    if isinstance(v, bool | np.bool_ | int | float | np.integer | np.floating)
+                    else np.nan
+                    for v in col
+                ],
+                float,
+            )
+        columns.append((k, np.where(np.isfinite(values), values, np.nan).tolist()))
+    rows: list[dict] = [{} for _ in range(len(table))]
+    for k, values in columns:
+        for row, v in zip(rows, values, strict=True):
+            if v == v:  # not NaN
+                row[k] = v
+    return rows
 
 
 def cells_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: float) -> dict:
@@ -71,28 +89,36 @@ def cells_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: flo
     """
     cls = lesions.set_index("lesion_id")["class"] if len(lesions) else pd.Series(dtype=str)
     radius = _radius_um(cells.get("cell_area_um2", pd.Series(np.nan, index=cells.index)))
+    rings = _circles(
+        cells["x_um"].to_numpy(float) / pixel_size_um + 0.5,
+        cells["y_um"].to_numpy(float) / pixel_size_um + 0.5,
+        radius / pixel_size_um,
+    ).tolist()
+    lesion_class = [str(cls.get(v, "single")) for v in cells["lesion_id"]]
+    ki67 = cells["ki67_pos"] if "ki67_pos" in cells else pd.Series(pd.NA, index=cells.index)
     features = []
-    for (_, c), r_um in zip(cells.iterrows(), radius, strict=True):
-        lesion_class = str(cls.get(c["lesion_id"], "single"))
-        ki67 = c.get("ki67_pos")
-        name = lesion_class if pd.isna(ki67) else f"{lesion_class}: Ki67{'+' if ki67 else '-'}"
-        x, y = c["x_um"] / pixel_size_um + 0.5, c["y_um"] / pixel_size_um + 0.5
+    for cell_id, les_cls, k, ring, measurements in zip(
+        cells["cell_id"].to_numpy(int),
+        lesion_class,
+        ki67,
+        rings,
+        _measurement_rows(cells),
+        strict=True,
+    ):
+        name = les_cls if pd.isna(k) else f"{les_cls}: Ki67{'+' if k else '-'}"
         features.append(
             {
                 "type": "Feature",
-                "id": f"cell-{int(c['cell_id'])}",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [_circle(x, y, r_um / pixel_size_um)],
-                },
+                "id": f"cell-{int(cell_id)}",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {
                     "objectType": "detection",
-                    "name": f"cell {int(c['cell_id'])}",
+                    "name": f"cell {int(cell_id)}",
                     "classification": {
                         "name": name,
-                        "color": list(CLASS_COLOURS.get(lesion_class, (200, 200, 200))),
+                        "color": list(CLASS_COLOURS.get(les_cls, (200, 200, 200))),
                     },
-                    "measurements": _measurements(c),
+                    "measurements": measurements,
                 },
             }
         )
@@ -104,22 +130,22 @@ def lesions_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: f
     from scipy.spatial import ConvexHull, QhullError
 
     radius = _radius_um(cells.get("cell_area_um2", pd.Series(np.nan, index=cells.index)))
-    cells = cells.assign(r_px_=radius / pixel_size_um)
-    by_lesion = dict(tuple(cells.groupby("lesion_id")))
+    corners = _circles(
+        cells["x_um"].to_numpy(float) / pixel_size_um + 0.5,
+        cells["y_um"].to_numpy(float) / pixel_size_um + 0.5,
+        radius / pixel_size_um,
+    )[:, :-1]
+    rows_of = cells.groupby("lesion_id").indices if len(cells) else {}
     features = []
-    for _, les in lesions.iterrows():
-        members = by_lesion.get(les["lesion_id"])
-        pts = []
+    for les, measurements in zip(
+        lesions.to_dict("records"), _measurement_rows(lesions, skip=("class",)), strict=True
+    ):
+        members = rows_of.get(les["lesion_id"])
         if members is not None:
-            for c in members.itertuples():
-                pts += _circle(c.x_um / pixel_size_um + 0.5, c.y_um / pixel_size_um + 0.5, c.r_px_)[
-                    :-1
-                ]
+            pts = corners[members].reshape(-1, 2)
         else:
-            pts = _circle(les["x_um"] / pixel_size_um + 0.5, les["y_um"] / pixel_size_um + 0.5, 12)[
-                :-1
-            ]
-        pts = np.asarray(pts)
+            x, y = les["x_um"] / pixel_size_um + 0.5, les["y_um"] / pixel_size_um + 0.5
+            pts = _circles(x, y, 12)[0, :-1]
         try:
             ring = pts[ConvexHull(pts).vertices].round(2).tolist()
         except QhullError:
@@ -138,7 +164,7 @@ def lesions_geojson(cells: pd.DataFrame, lesions: pd.DataFrame, pixel_size_um: f
                         "name": name,
                         "color": list(CLASS_COLOURS.get(name, (200, 200, 200))),
                     },
-                    "measurements": _measurements(les, skip=("class",)),
+                    "measurements": measurements,
                 },
             }
         )

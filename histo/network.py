@@ -263,9 +263,13 @@ def detect_cells_unet(
         b = blocks[ch] if ch in blocks else resample_mean(image[ch], factor)
         return b - np.float32(stain.offset[ch])
 
+    # Every label image below is zero outside the cells: sum over the cells' pixels only.
+    in_cells = np.flatnonzero(regions)
+
     def means(values, labels):
-        s = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)[1:]
-        c = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        lab = labels.ravel()[in_cells]
+        s = np.bincount(lab, weights=values.ravel()[in_cells], minlength=n + 1)[1:]
+        c = np.bincount(lab, minlength=n + 1)[1:]
         return s / np.maximum(c, 1), c
 
     d_i, h_i = roles["DAPI"], roles["HER2"]
