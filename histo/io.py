@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
 import math
 import os
@@ -499,54 +498,6 @@ def _sniff(magic: bytes) -> str:
     return "it is a text file"
 
 
-class _TileCache:
-    """Decoded storage tiles, least recently used dropped first, at most `max_bytes` in all
-    (shared by the threads of one process; a Dask worker process has its own)."""
-
-    def __init__(self, max_bytes: int):
-        from collections import OrderedDict
-
-        self.max_bytes = max_bytes
-        self._tiles: OrderedDict = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key):
-        with self._lock:
-            tile = self._tiles.get(key)
-            if tile is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._tiles.move_to_end(key)
-            return tile
-
-    def put(self, key, tile: np.ndarray) -> None:
-        if tile.nbytes > self.max_bytes // 4:
-            return
-        with self._lock:
-            if key in self._tiles:
-                return
-            self._tiles[key] = tile
-            self._bytes += tile.nbytes
-            while self._bytes > self.max_bytes:
-                _, old = self._tiles.popitem(last=False)
-                self._bytes -= old.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._tiles.clear()
-            self._bytes = 0
-            self.hits = self.misses = 0
-
-
-#: Decoded tiles kept for reads that overlap (chunk halos): ``LUNGMETS_TILE_CACHE_MB``
-#: (default 256; 0 turns it off).
-_TILE_CACHE = _TileCache(int(float(os.environ.get("LUNGMETS_TILE_CACHE_MB", "256")) * 2**20))
-_READER_IDS = itertools.count()
-
-
 class _LevelReader:
     """(C, Y, X) view of one stored level in any axis order, read with NumPy indexing.
 
@@ -569,12 +520,9 @@ class _LevelReader:
         self.ndim = 3
         chunks = dict(zip(axes, _storage_chunks(array), strict=True))
         self.chunks_yx = (chunks["Y"], chunks["X"])
-        self._cache_key = next(_READER_IDS)
-        # Whole tiles through the cache; not where a tile is the whole level or a whole-width
-        # strip (nothing shared between neighbouring reads, and a strip can be huge).
-        self._tiled = chunks["X"] < sizes["X"] and chunks["Y"] < sizes["Y"]
 
-    def _index(self, cs, ys, xs) -> tuple:
+    def __getitem__(self, key) -> np.ndarray:
+        cs, ys, xs = key
         index = []
         for ax in self._axes:
             if ax == "Y":
@@ -585,64 +533,14 @@ class _LevelReader:
                 index.append(cs)
             else:
                 index.append(0)
-        return tuple(index)
-
-    def _decode(self, cs, ys, xs) -> np.ndarray:
         try:
-            return np.asarray(self.array[self._index(cs, ys, xs)])
+            data = np.asarray(self.array[tuple(index)])
         except Exception as exc:
             raise InputError(
                 f"{self._display}: cannot decode level {self._level} at y {ys.start}:{ys.stop}, "
                 f"x {xs.start}:{xs.stop} ({type(exc).__name__}: {exc}); the file is truncated "
                 f"or corrupt: copy or export it again"
             ) from exc
-
-    def _read_through_cache(self, ys: slice, xs: slice) -> np.ndarray:
-        """All channels of ``[ys, xs]``, assembled from whole stored tiles kept in
-        `_TILE_CACHE`: a chunk's halo is its neighbours' core, decoded once, not twice."""
-        cy, cx = self.chunks_yx
-        _, h, w = self.shape
-        y0, y1, _ = ys.indices(h)
-        x0, x1, _ = xs.indices(w)
-        iy, ix = self._kept.index("Y"), self._kept.index("X")
-        shape = [self.shape[0]] * len(self._kept)
-        shape[iy], shape[ix] = max(0, y1 - y0), max(0, x1 - x0)
-        out = np.empty(shape, self.dtype)
-        for ty in range(y0 // cy, -(-y1 // cy)):
-            for tx in range(x0 // cx, -(-x1 // cx)):
-                key = (self._cache_key, ty, tx)
-                tile = _TILE_CACHE.get(key)
-                if tile is None:
-                    tys = slice(ty * cy, min(h, (ty + 1) * cy))
-                    txs = slice(tx * cx, min(w, (tx + 1) * cx))
-                    tile = self._decode(slice(None), tys, txs)
-                    _TILE_CACHE.put(key, tile)
-                a0, a1 = max(y0, ty * cy), min(y1, (ty + 1) * cy)
-                b0, b1 = max(x0, tx * cx), min(x1, (tx + 1) * cx)
-                dst = [slice(None)] * len(self._kept)
-                src = [slice(None)] * len(self._kept)
-                dst[iy], dst[ix] = slice(a0 - y0, a1 - y0), slice(b0 - x0, b1 - x0)
-                src[iy], src[ix] = (
-                    slice(a0 - ty * cy, a1 - ty * cy),
-                    slice(b0 - tx * cx, b1 - tx * cx),
-                )
-                out[tuple(dst)] = tile[tuple(src)]
-        return out
-
-    def __getitem__(self, key) -> np.ndarray:
-        cs, ys, xs = key
-        if (
-            self._tiled
-            and _TILE_CACHE.max_bytes > 0
-            and isinstance(ys, slice)
-            and isinstance(xs, slice)
-        ):
-            data = self._read_through_cache(ys, xs)
-            if self._c_axis is not None:
-                ic = self._kept.index(self._c_axis)
-                data = data[(slice(None),) * ic + (cs,)]
-        else:
-            data = self._decode(cs, ys, xs)
         src = list(self._kept)
         if self._c_axis is None:
             data = data[np.newaxis]

@@ -195,26 +195,6 @@ def test_concurrent_read_region_from_two_threads_returns_correct_pixels(
     assert len(threads) == 2
 
 
-def test_a_halo_read_decodes_only_the_tiles_its_neighbour_did_not(generated, generated_pixels):
-    """Chunks are read with halos that overlap their neighbours' cores: the shared tiles come
-    from the decoded-tile cache, and the pixels are still tifffile's."""
-    from histo.io import _TILE_CACHE
-
-    slide = open_slide(generated)
-    full0 = generated_pixels[0]
-    _TILE_CACHE.clear()
-    # Two 512-px chunks side by side with a 128-px halo (tiles of 512 px).
-    a = slide.read_region(0, 0, 640, 0, 640)
-    misses = _TILE_CACHE.misses
-    b = slide.read_region(0, 0, 640, 384, 1152)
-    np.testing.assert_array_equal(a, full0[:, :640, :640])
-    np.testing.assert_array_equal(b, full0[:, :640, 384:1152])
-    # a: tiles (0..1) x (0..1); b: (0..1) x (0..2), of which the first two columns are a's.
-    assert misses == 4
-    assert _TILE_CACHE.misses - misses == 2
-    assert _TILE_CACHE.hits == 4
-
-
 def test_dask_threaded_compute_equals_tifffile(generated, generated_pixels):
     slide = open_slide(generated)
     got = slide.levels[0].rechunk((3, 256, 256)).compute(scheduler="threads", num_workers=2)
