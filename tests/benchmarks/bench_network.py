@@ -61,7 +61,7 @@ def _screen_share(path, config) -> tuple[float, float]:
     from histo.io import open_slide
     from histo.network import screen_mask
     from histo.pipeline import measure_background
-    from models.infer import crop_boxes, to_model_input
+    from models.infer import SCREEN_CONTEXT_PX, crop_boxes, to_model_input
 
     slide = open_slide(path)
     _, _, stain = measure_background(slide, config)
@@ -69,7 +69,8 @@ def _screen_share(path, config) -> tuple[float, float]:
     x = to_model_input(slide.read_region(0, 0, h, 0, w), slide.roles, stain, 2)
     d = slide.roles["DAPI"]
     m = screen_mask(x, config, nuclear_ratio=stain.nuclear[d] / stain.autofluorescence[d])
-    net_px = sum((y1 - y0 + 64) * (x1 - x0 + 64) for y0, y1, x0, x1 in crop_boxes(m))
+    c2 = 2 * SCREEN_CONTEXT_PX
+    net_px = sum((y1 - y0 + c2) * (x1 - x0 + c2) for y0, y1, x0, x1 in crop_boxes(m))
     return float(m.mean()), net_px / m.size
 
 
