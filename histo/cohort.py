@@ -746,3 +746,30 @@ def _cohort_provenance(sections: pd.DataFrame, results_dir, samples) -> dict:
         "parameters": params,
         "inputs": dict(zip(sections["slide"], sections["input_sha256"], strict=True)),
     }
+
+
+def set_study_ki67_threshold(
+    sheet_path: str | os.PathLike, results_dir: str | os.PathLike, threshold: float | None
+) -> list[Path]:
+    """Record one Ki67 threshold (counts; None: each slide's own) in the journal of every
+    slide of a sample sheet; returns the result folders written.
+
+    Raises
+    ------
+    InputError
+        Listing slides of the sheet without results (nothing is written then).
+    """
+    from .io import slide_name
+
+    sheet = read_sample_sheet(sheet_path)
+    folders = [Path(results_dir) / slide_name(s) for s in sheet["slide"]]
+    missing = [str(f) for f in folders if not (f / "summary.json").is_file()]
+    if missing:
+        raise InputError(
+            f"{len(missing)} slide(s) of {sheet_path} have no results in {results_dir}: "
+            + ", ".join(missing[:5])
+            + "; run 'lungmets run --samples SHEET --out RESULTS' first"
+        )
+    for f in folders:
+        ReviewSession(f).set_ki67_threshold(threshold)
+    return folders

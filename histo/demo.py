@@ -91,7 +91,7 @@ def iter_demo(
             labels=False,
             jobs=jobs or os.cpu_count() or 1,
         )
-        from .outputs import atomic_path
+        from .atomic import atomic_path
 
         with atomic_path(stamp) as tmp:
             tmp.write_text(wanted)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .outputs import atomic_path
+from .atomic import _jsonable, atomic_path
 
 #: QuPath classification colours (RGB) per lesion class.
 CLASS_COLOURS = {"single": (76, 155, 232), "cluster": (242, 165, 65), "focus": (209, 73, 91)}
@@ -188,8 +188,6 @@ def write_geojson(
     -------
     list of Path
     """
-    from .outputs import _jsonable
-
     out = []
     for name, make in (("cells", cells_geojson), ("lesions", lesions_geojson)):
         path = Path(folder) / f"{name}.geojson"

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputError
-from .outputs import atomic_path
 
 __all__ = [
     "CHANNEL_ALIASES",

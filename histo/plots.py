@@ -180,7 +180,7 @@ REPORT_FIGURES = {
 
 def save_figure(fig, stem: str | os.PathLike, formats=("png", "svg"), dpi: int = 150) -> list[Path]:
     """Save a figure as ``stem.png`` and ``stem.svg`` atomically; returns the paths."""
-    from .outputs import atomic_path
+    from .atomic import atomic_path
 
     out = []
     for fmt in formats:

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from ._version import __version__
+from .atomic import atomic_path, write_csv, write_json
 from .cohort import METRICS, CohortResult, analyze_cohort
-from .outputs import atomic_path, write_csv, write_json
 
 
 def run_cohort(

@@ -765,31 +765,3 @@ def read_journal(path: str | os.PathLike) -> list[Correction]:
         except (ValueError, TypeError):
             log.warning("%s: line %d is not a correction and was skipped", path, k)
     return out
-
-
-def set_study_ki67_threshold(
-    sheet_path: str | os.PathLike, results_dir: str | os.PathLike, threshold: float | None
-) -> list[Path]:
-    """Record one Ki67 threshold (counts; None: each slide's own) in the journal of every
-    slide of a sample sheet; returns the result folders written.
-
-    Raises
-    ------
-    InputError
-        Listing slides of the sheet without results (nothing is written then).
-    """
-    from .cohort import read_sample_sheet
-    from .io import slide_name
-
-    sheet = read_sample_sheet(sheet_path)
-    folders = [Path(results_dir) / slide_name(s) for s in sheet["slide"]]
-    missing = [str(f) for f in folders if not (f / "summary.json").is_file()]
-    if missing:
-        raise InputError(
-            f"{len(missing)} slide(s) of {sheet_path} have no results in {results_dir}: "
-            + ", ".join(missing[:5])
-            + "; run 'lungmets run --samples SHEET --out RESULTS' first"
-        )
-    for f in folders:
-        ReviewSession(f).set_ki67_threshold(threshold)
-    return folders

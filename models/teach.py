@@ -559,7 +559,7 @@ def iter_teach(
     if result.validation:
         cfg = json.loads(path.with_suffix(".json").read_text())
         cfg["validation"] = result.validation
-        from histo.outputs import write_json
+        from histo.atomic import write_json
 
         write_json(cfg, path.with_suffix(".json"))
     if reanalyse is not None:

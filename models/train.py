@@ -374,7 +374,7 @@ def save_model(model, path, *, train_config: TrainConfig, extra: dict | None = N
     import torch
 
     from histo._version import __version__
-    from histo.outputs import atomic_path, write_json
+    from histo.atomic import atomic_path, write_json
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -258,7 +258,7 @@ class MarkersWidget(SharedSessionMixin, QWidget):
         beside this slide's); returns the folders written."""
         from pathlib import Path
 
-        from histo.review import set_study_ki67_threshold
+        from histo.cohort import set_study_ki67_threshold
 
         results_dir = Path(self.session.folder).parent
         folders = set_study_ki67_threshold(sheet_path, results_dir, self.threshold)

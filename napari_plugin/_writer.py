@@ -168,7 +168,7 @@ def write_lesions(path: str, data, meta: dict) -> list[str]:
     >>> layer = viewer.layers["lung_IAV_d15 lesions"]  # doctest: +SKIP
     >>> layer.save("lesions.geojson", plugin="lungmets")  # doctest: +SKIP
     """
-    from histo.outputs import atomic_path, write_csv
+    from histo.atomic import atomic_path, write_csv
 
     suffix = Path(path).suffix.lower()
     if suffix not in (".csv", ".geojson"):

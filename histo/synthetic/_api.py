@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .._version import __version__
+from ..atomic import atomic_path, write_csv, write_json
 from ..io import pyramid_levels, slide_name, write_ome_tiff
-from ..outputs import atomic_path, write_csv, write_json
 from ._appearance import Appearance
 from ._render import file_dtype, render_counts, render_labels
 from ._scene import CHANNELS, LABEL_CHANNELS, SlideSpec, build_scene

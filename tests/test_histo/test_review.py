@@ -143,8 +143,7 @@ def test_a_reviewed_ki67_threshold_is_journaled_replayed_and_undone(folder):
 def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tmp_path):
     import shutil
 
-    from histo.cohort import analyze_cohort
-    from histo.review import set_study_ki67_threshold
+    from histo.cohort import analyze_cohort, set_study_ki67_threshold
 
     other = folder.parent / "lung2"
     shutil.copytree(folder, other)

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from skimage.measure import regionprops
 
-from histo.outputs import atomic_path
+from histo.atomic import atomic_path
 from histo.synthetic import (
     SlideSpec,
     build_scene,
