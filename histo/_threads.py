@@ -17,9 +17,22 @@ _DONE = object()
 
 
 def iter_in_thread(
-    fn: Callable[..., Any], *args, thread_name: str = "lungmets-worker", **kwargs
+    fn: Callable[..., Any],
+    *args,
+    thread_name: str = "lungmets-worker",
+    cancel: threading.Event | None = None,
+    **kwargs,
 ) -> Generator[Any, None, Any]:
     """Call ``fn(*args, emit=callback, **kwargs)`` in a thread; yield what it emits.
+
+    Parameters
+    ----------
+    fn : callable
+    thread_name : str
+    cancel : threading.Event, optional
+        Handed to `fn` as ``cancel=``, and set when this generator is closed before `fn`
+        returns (the consumer stopped: napari's Cancel, Ctrl-C), so that `fn` can stop
+        starting new work.
 
     Returns
     -------
@@ -27,6 +40,8 @@ def iter_in_thread(
     """
     q: queue.SimpleQueue = queue.SimpleQueue()
     box: dict = {}
+    if cancel is not None:
+        kwargs["cancel"] = cancel
 
     def work():
         try:
@@ -38,8 +53,14 @@ def iter_in_thread(
 
     th = threading.Thread(target=work, name=thread_name, daemon=True)
     th.start()
-    while (item := q.get()) is not _DONE:
-        yield item
+    finished = False
+    try:
+        while (item := q.get()) is not _DONE:
+            yield item
+        finished = True
+    finally:
+        if not finished and cancel is not None:
+            cancel.set()
     th.join()
     if "error" in box:
         raise box["error"]

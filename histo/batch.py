@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from ._threads import iter_in_thread
 from ._version import ANALYSIS_REVISION
 from .config import AnalysisConfig
-from .errors import InputError
+from .errors import Cancelled, InputError
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,19 @@ def _available_bytes() -> float:
         return 4e9
 
 
-def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False) -> SlideOutcome:
-    """Analyse and write one slide; every error becomes a failed outcome."""
+def _run_one(
+    i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False, cancel=None
+) -> SlideOutcome:
+    """Analyse and write one slide; every error becomes a failed outcome. Once `cancel` (a
+    `threading.Event`) is set, no further chunk starts and nothing is written."""
     from .io import slide_name
     from .outputs import write_results
     from .pipeline import file_checksum, iter_analyze_slide
 
     name = str(path)
     t0 = time.perf_counter()
+    if cancel is not None and cancel.is_set():
+        return SlideOutcome(name, False, message=f"{name}: cancelled before it started")
     try:
         if not Path(path).exists():
             raise InputError(f"{path}: no such file or folder; check the path")
@@ -178,7 +184,7 @@ def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False
             if done is not None:
                 done.slide = name
                 return done
-        gen = iter_analyze_slide(path, config, checksum=checksum, **kwargs)
+        gen = iter_analyze_slide(path, config, checksum=checksum, cancel=cancel, **kwargs)
         while True:
             try:
                 done_n, total, _ = next(gen)
@@ -194,7 +200,14 @@ def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False
             "pixel_size_um": kwargs.get("pixel_size_um"),
             "analysis_revision": ANALYSIS_REVISION,
         }
-        folder = write_results(result, out_dir)
+        try:
+            folder = write_results(result, out_dir)
+        except OSError as exc:  # disk full, quota, permissions changed under the run
+            raise InputError(
+                f"{folder}: results not written: {exc.strerror or exc}; free space there or "
+                "choose another --out (no summary.json was written: the slide counts as not "
+                "done and is analysed again next time)"
+            ) from exc
         if labels_zarr:
             from .exports import write_lesion_labels
 
@@ -210,6 +223,13 @@ def _run_one(i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False
         )
     except InputError as exc:
         return SlideOutcome(name, False, message=str(exc), seconds=time.perf_counter() - t0)
+    except Cancelled:
+        return SlideOutcome(
+            name,
+            False,
+            message=f"{name}: cancelled; nothing written",
+            seconds=time.perf_counter() - t0,
+        )
     except Exception as exc:  # a failed slide must not stop the batch
         log.exception("unexpected error on %s", name)
         return SlideOutcome(
@@ -224,6 +244,32 @@ def _labels_exist(folder: Path, slide: str | os.PathLike) -> bool:
     return (folder / "lesion_labels.ome.zarr").exists() or (
         Path(slide) / "labels" / "lesions"
     ).exists()
+
+
+def check_output_folder(out_dir: str | os.PathLike) -> Path:
+    """Raise `InputError` naming `out_dir` if it cannot hold results: a file of that name, a
+    path through a file, a folder without permission to write. Creates nothing.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(
+            f"{out}: --out names a file, not a folder; give a folder for the results "
+            "(it is created if needed)"
+        )
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(
+            f"{out}: cannot create the results folder there ({existing} is a file); "
+            "choose another --out"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{out}: cannot write results there ({existing} is not writable); choose another "
+            "--out or make it writable"
+        )
+    return out
 
 
 def iter_run_batch(
@@ -276,6 +322,7 @@ def iter_run_batch(
     from .io import slide_name
 
     config = config or AnalysisConfig()
+    check_output_folder(out_dir)
     n = len(slides)
     names: dict[str, str] = {}
     for p in slides:
@@ -310,6 +357,9 @@ def iter_run_batch(
         kwargs["scheduler"] = scheduler
     elif parallel > 1:
         kwargs["threads"] = max(1, cores // parallel)
+    # Set when the consumer closes this generator (napari's Cancel, Ctrl-C): chunks not yet
+    # started are not started, and nothing more is written.
+    cancel = threading.Event()
     try:
         if parallel == 1:
             outcomes = []
@@ -317,26 +367,42 @@ def iter_run_batch(
                 yield BatchEvent("slide", i, n, slide=str(path))
                 # Events of one slide are handed on as they come: run it in a generator.
                 gen = iter_in_thread(
-                    _run_one, i, path, out_dir, config, force, kwargs, labels_zarr=labels_zarr
+                    _run_one,
+                    i,
+                    path,
+                    out_dir,
+                    config,
+                    force,
+                    kwargs,
+                    labels_zarr=labels_zarr,
+                    cancel=cancel,
                 )
-                while True:
-                    try:
-                        ev = next(gen)
-                    except StopIteration as stop:
-                        outcome = stop.value
-                        break
-                    ev.n_slides = n
-                    yield ev
+                try:
+                    while True:
+                        try:
+                            ev = next(gen)
+                        except StopIteration as stop:
+                            outcome = stop.value
+                            break
+                        ev.n_slides = n
+                        yield ev
+                finally:
+                    gen.close()
                 outcomes.append(outcome)
                 yield BatchEvent("done", i, n, outcome=outcome, slide=str(path))
             return outcomes
-        return (yield from _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr))
+        return (
+            yield from _parallel(
+                slides, out_dir, config, force, kwargs, parallel, labels_zarr, cancel
+            )
+        )
     finally:
+        cancel.set()
         if cluster is not None:
             cluster.close()
 
 
-def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr=False):
+def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr, cancel):
     from concurrent.futures import ThreadPoolExecutor
 
     n = len(slides)
@@ -346,20 +412,33 @@ def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr=Fals
     def work(i, path):
         q.put(BatchEvent("slide", i, n, slide=str(path)))
         outcome = _run_one(
-            i, path, out_dir, config, force, kwargs, emit=q.put, labels_zarr=labels_zarr
+            i,
+            path,
+            out_dir,
+            config,
+            force,
+            kwargs,
+            emit=q.put,
+            labels_zarr=labels_zarr,
+            cancel=cancel,
         )
         q.put(BatchEvent("done", i, n, outcome=outcome, slide=str(path)))
 
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="lungmets-slide") as pool:
         futures = [pool.submit(work, i, p) for i, p in enumerate(slides)]
         finished = 0
-        while finished < n:
-            ev = q.get()
-            ev.n_slides = n
-            if ev.kind == "done":
-                outcomes[ev.slide_index] = ev.outcome
-                finished += 1
-            yield ev
+        try:
+            while finished < n:
+                ev = q.get()
+                ev.n_slides = n
+                if ev.kind == "done":
+                    outcomes[ev.slide_index] = ev.outcome
+                    finished += 1
+                yield ev
+        finally:
+            if finished < n:  # closed early: stop what runs, start nothing more
+                cancel.set()
+                pool.shutdown(wait=False, cancel_futures=True)
         for f in futures:
             f.result()
     return outcomes

@@ -438,6 +438,7 @@ def _run_analysis(args: argparse.Namespace) -> int:
             handle(event)
     finally:
         close()
+        gen.close()  # on Ctrl-C: chunks not yet started are not started
     return _print_outcomes(outcomes, args.out)
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ._threads import iter_in_thread
 from ._version import __version__
 from .chunks import Chunk, plan_chunks
 from .config import AnalysisConfig
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .lesions import group_lesions
 from .markers import apply_thresholds
 from .tissue import StainLevels, glass_level, stain_levels, tissue_mask, tissue_windows
@@ -463,6 +464,7 @@ def iter_analyze_slide(
     threads: int | None = None,
     checksum: str | None = None,
     region_px: tuple[int, int, int, int] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Analyse a whole slide chunk by chunk; yields progress, returns an `AnalysisResult`.
 
@@ -487,6 +489,9 @@ def iter_analyze_slide(
         Analyse only this level-0 box (end-exclusive), e.g. the view in napari: only cells
         whose centre lies inside are reported, with the same values as in a whole-slide run;
         the tissue area (and densities) are those of the region.
+    cancel : threading.Event, optional
+        Set it (from any thread) to stop: chunks not yet started are not started and
+        `histo.errors.Cancelled` is raised. Closing the generator does the same.
 
     Yields
     ------
@@ -502,6 +507,8 @@ def iter_analyze_slide(
     t0 = time.perf_counter()
     slide = open_slide(path, channels=channels, pixel_size_um=pixel_size_um)
     mask, mask_px, stain = measure_background(slide, config)
+    cancel = cancel if cancel is not None else threading.Event()
+    _raise_if_cancelled(cancel)
     t_tissue = time.perf_counter() - t0
     shape = slide.shape_px
     if config.method == "unet":
@@ -535,12 +542,15 @@ def iter_analyze_slide(
         )
         config = config.replace(torch_threads=per_task)
     if scheduler or workers:
-        runner = _run_distributed(args, chunks, config, stain, workers=workers, address=scheduler)
+        runner = _run_distributed(
+            args, chunks, config, stain, workers=workers, address=scheduler, cancel=cancel
+        )
         where = scheduler or f"LocalCluster({workers} processes)"
     else:
-        runner = _run_threaded(args, chunks, config, stain, threads)
+        runner = _run_threaded(args, chunks, config, stain, threads, cancel)
         where = f"threads({threads or os.cpu_count()})"
     parts = yield from runner
+    _raise_if_cancelled(cancel)
     t_chunks = time.perf_counter() - t0 - t_tissue
     found = [p for p in parts if len(p)]
     # Every chunk returns a table with the detector's columns, empty ones included.
@@ -604,8 +614,14 @@ def _channels_arg(channels):
     return tuple(channels)
 
 
-def _run_threaded(args, chunks, config, stain, threads):
-    """Dask's threaded scheduler, with progress from a task callback."""
+def _raise_if_cancelled(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise Cancelled("analysis cancelled; nothing was written")
+
+
+def _run_threaded(args, chunks, config, stain, threads, cancel: threading.Event):
+    """Dask's threaded scheduler, with progress from a task callback; once `cancel` is set,
+    no further chunk starts (the running ones finish) and `Cancelled` is raised."""
     import dask
     from dask.callbacks import Callback
 
@@ -614,11 +630,16 @@ def _run_threaded(args, chunks, config, stain, threads):
         return []
     chunk_keys = {t.key for t in tasks}
 
-    def compute(emit):
+    def compute(emit, cancel):
         done = 0
 
         class _Tick(Callback):
-            # Called by the scheduler's loop (one thread) as each task finishes.
+            # Called by the scheduler's loop (one thread) before a task starts and as each
+            # task finishes.
+            def _pretask(self, key, dsk, state):
+                if key in chunk_keys:
+                    _raise_if_cancelled(cancel)
+
             def _posttask(self, key, result, dsk, state, worker_id):
                 nonlocal done
                 if key in chunk_keys:
@@ -628,13 +649,14 @@ def _run_threaded(args, chunks, config, stain, threads):
         with _Tick():
             return dask.compute(*tasks, scheduler="threads", num_workers=threads)
 
-    parts = yield from iter_in_thread(compute, thread_name="lungmets-chunks")
+    parts = yield from iter_in_thread(compute, thread_name="lungmets-chunks", cancel=cancel)
     return list(parts)
 
 
-def _run_distributed(args, chunks, config, stain, *, workers=None, address=None):
-    """A dask.distributed cluster: an existing one, or a LocalCluster of processes."""
-    from distributed import Client, LocalCluster, as_completed
+def _run_distributed(args, chunks, config, stain, *, workers=None, address=None, cancel=None):
+    """A dask.distributed cluster: an existing one, or a LocalCluster of processes. Chunks not
+    yet finished are cancelled on the cluster when `cancel` is set or the generator closed."""
+    from distributed import Client, LocalCluster, wait
 
     cluster = None
     if address:
@@ -644,15 +666,28 @@ def _run_distributed(args, chunks, config, stain, *, workers=None, address=None)
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
         client = Client(cluster)
+    pending: set = set()
     try:
         futures = [client.submit(_chunk_task, *args, c, config, stain, pure=False) for c in chunks]
         index = {f.key: i for i, f in enumerate(futures)}
         parts: list = [None] * len(futures)
-        for done, fut in enumerate(as_completed(futures), start=1):
-            parts[index[fut.key]] = fut.result()
-            yield (done, len(futures), "chunks")
+        pending = set(futures)
+        done = 0
+        while pending:
+            if cancel is not None:
+                _raise_if_cancelled(cancel)
+            try:
+                finished, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                continue
+            for fut in finished:
+                parts[index[fut.key]] = fut.result()
+                done += 1
+                yield (done, len(futures), "chunks")
         return parts
     finally:
+        if pending:
+            client.cancel(list(pending))
         client.close()
         if cluster is not None:
             cluster.close()

@@ -12,6 +12,7 @@ napari starts fast.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,7 +114,7 @@ def visible_region_px(viewer: napari.viewer.Viewer, layer) -> tuple[int, int, in
     return int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])
 
 
-def analyze_and_write(path, config, out_dir, region_px=None):
+def analyze_and_write(path, config, out_dir, region_px=None, cancel=None):
     """Analyse a slide, write its results and read them back as layer data (a generator).
 
     The body of the widget's worker, and nothing but library calls:
@@ -129,6 +130,8 @@ def analyze_and_write(path, config, out_dir, region_px=None):
         Results go to ``out_dir/<slide name>/``.
     region_px : (y0, y1, x0, x1), optional
         Analyse only this region of level 0.
+    cancel : threading.Event, optional
+        Set by the Cancel button: chunks not yet started are not started, nothing is written.
 
     Yields
     ------
@@ -137,23 +140,35 @@ def analyze_and_write(path, config, out_dir, region_px=None):
 
     Returns
     -------
-    (Path, list of layer-data tuples) or AnalysisFailure
-        The written folder and its layers, or the message of an `InputError`.
+    (Path, list of layer-data tuples), AnalysisFailure or None
+        The written folder and its layers, the message of an `InputError`, or None when
+        cancelled.
     """
-    from histo.errors import InputError
+    from histo.batch import check_output_folder
+    from histo.errors import Cancelled, InputError
     from histo.outputs import write_results
     from histo.pipeline import iter_analyze_slide
 
     from ._layers import result_layers
 
     kwargs = {} if region_px is None else {"region_px": tuple(region_px)}
+    kwargs["cancel"] = cancel
     try:
+        check_output_folder(out_dir)
         result = yield from iter_analyze_slide(path, config, **kwargs)
         yield (1, 1, "writing results")
-        folder = write_results(result, out_dir)
+        try:
+            folder = write_results(result, out_dir)
+        except OSError as exc:
+            return AnalysisFailure(
+                f"{out_dir}: results not written: {exc.strerror or exc}; free space there or "
+                "choose another output folder"
+            )
         return folder, result_layers(folder)
     except InputError as exc:
         return AnalysisFailure(str(exc))
+    except Cancelled:
+        return None
 
 
 class AnalyzeWidget(QWidget):
@@ -180,6 +195,7 @@ class AnalyzeWidget(QWidget):
         self.viewer = napari_viewer
         self.worker = None
         self._pbar = None
+        self._cancel = threading.Event()
         self._default_out = ""
         defaults = AnalysisConfig()
 
@@ -354,7 +370,10 @@ class AnalyzeWidget(QWidget):
             out_dir = out_dir / VIEW_SUBFOLDER
 
         self._pbar = progress(total=0, desc=f"lungmets: {Path(path).name}")
-        worker = thread_worker(analyze_and_write, start_thread=False)(path, config, out_dir, region)
+        self._cancel = threading.Event()
+        worker = thread_worker(analyze_and_write, start_thread=False)(
+            path, config, out_dir, region, self._cancel
+        )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.aborted.connect(self._on_aborted)
@@ -367,8 +386,10 @@ class AnalyzeWidget(QWidget):
         worker.start()
 
     def cancel(self) -> None:
-        """Ask the running analysis to stop at its next progress step."""
+        """Stop the running analysis: chunks not yet started are not started (the running
+        ones finish), and nothing is written."""
         if self.worker is not None:
+            self._cancel.set()
             self.worker.quit()
             self._set_status("Cancelling …")
 
@@ -381,6 +402,9 @@ class AnalyzeWidget(QWidget):
             self._set_status(f"{message[:1].upper()}{message[1:]} …")
 
     def _on_returned(self, value) -> None:
+        if value is None:  # cancelled before anything was written
+            self._on_aborted()
+            return
         if isinstance(value, AnalysisFailure):
             self._fail(value.message)
             return
@@ -397,6 +421,10 @@ class AnalyzeWidget(QWidget):
         self._set_status("Cancelled.")
 
     def _on_finished(self) -> None:
+        if self._cancel.is_set() and self.status_label.text() == "Cancelling …":
+            # Cancelled while the last chunks finished: the worker neither returned a result
+            # nor saw the abort between two steps.
+            self._on_aborted()
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
