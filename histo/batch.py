@@ -55,7 +55,8 @@ class SlideOutcome:
 
 @dataclass
 class BatchEvent:
-    """Progress of a batch: ``kind`` is ``"slide"``, ``"chunks"`` or ``"done"``."""
+    """Progress of a batch: ``kind`` is ``"slide"``, ``"overview"`` (the coarse view of a
+    giant slide without a pyramid being read), ``"chunks"`` or ``"done"``."""
 
     kind: str
     slide_index: int
@@ -187,11 +188,12 @@ def _run_one(
         gen = iter_analyze_slide(path, config, checksum=checksum, cancel=cancel, **kwargs)
         while True:
             try:
-                done_n, total, _ = next(gen)
+                done_n, total, step = next(gen)
             except StopIteration as stop:
                 result = stop.value
                 break
-            emit(BatchEvent("chunks", i, 0, done=done_n, total=total, slide=name))
+            # "chunks", or "overview" (a giant slide without a pyramid, read first)
+            emit(BatchEvent(step, i, 0, done=done_n, total=total, slide=name))
         result.summary["run_key"] = key
         # What else the key was made of, so that `lungmets rethreshold` can renew it.
         result.summary["run_key_inputs"] = {

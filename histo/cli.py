@@ -354,13 +354,19 @@ def _batch_bars():
                 dynamic_ncols=True,
             )
         chunks = state["chunks"]
-        if event.kind == "chunks":
-            bar = chunks.get(event.slide_index)
+        if event.kind in ("chunks", "overview"):
+            key = (event.slide_index, event.kind)
+            bar = chunks.get(key)
             if bar is None:
-                bar = chunks[event.slide_index] = tqdm(
+                if event.kind == "chunks":  # the overview, if any, is read by now
+                    old = chunks.pop((event.slide_index, "overview"), None)
+                    if old is not None:
+                        old.close()
+                bar = chunks[key] = tqdm(
                     total=event.total,
-                    desc=f"  {Path(event.slide).name[:28]}",
-                    unit="chunk",
+                    desc=f"  {Path(event.slide).name[:28]}"
+                    + (" overview" if event.kind == "overview" else ""),
+                    unit="chunk" if event.kind == "chunks" else "region",
                     file=sys.stderr,
                     position=1 + len(chunks),
                     leave=False,
@@ -368,9 +374,8 @@ def _batch_bars():
                 )
             bar.update(event.done - bar.n)
         elif event.kind == "done":
-            bar = chunks.pop(event.slide_index, None)
-            if bar is not None:
-                bar.close()
+            for key in [k for k in chunks if k[0] == event.slide_index]:
+                chunks.pop(key).close()
             state["outcomes"].append(event.outcome)
             if not event.outcome.ok:
                 tqdm.write(f"{PROG}: error: {event.outcome.message}", file=sys.stderr)

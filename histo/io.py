@@ -43,6 +43,7 @@ __all__ = [
     "CHANNEL_ALIASES",
     "Slide",
     "downsample_mean",
+    "iter_overview",
     "open_slide",
     "pyramid_levels",
     "slide_name",
@@ -161,6 +162,14 @@ REQUIRED_ROLES = ("DAPI", "HER2")
 #: is at least this, like `pyramid_levels`.
 MIN_LEVEL_SIZE_PX = 1024
 
+#: A single stored level of more pixels than this (no pyramid) gets its coarse levels from one
+#: pass over its stored tiles (`_OverviewReader`) instead of block means of the whole level,
+#: which would read every pixel again for each coarse read.
+GIANT_LEVEL_PX = 1 << 28
+
+#: Largest side (px) of that overview: about 230 MB for three 16-bit channels at most.
+OVERVIEW_MAX_SIDE_PX = 8192
+
 #: Names of the slides lungmets reads (longest first, so `slide_name` strips the whole suffix).
 SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".zarr")
 _FORMATS_HINT = "lungmets reads OME-TIFF, TIFF, SVS, NDPI and OME-Zarr"
@@ -276,6 +285,31 @@ class Slide:
         """(name, index) of every channel that is not DAPI, HER2 or Ki67."""
         used = set(self.roles.values())
         return tuple((name, i) for i, name in enumerate(self.channel_names) if i not in used)
+
+    @property
+    def overview_level(self) -> int | None:
+        """For a giant slide without a pyramid, the finest level read in one pass over its
+        tiles (`iter_overview`); finer levels than this are block means of level 0, costly to
+        read whole. None for other slides."""
+        for i, reader in enumerate(self._readers):
+            if isinstance(reader, _OverviewReader):
+                return i
+        return None
+
+    def stored_mask(self, level: int) -> np.ndarray | None:
+        """(Y, X) bool of `level`: where the file stores pixels, for a giant slide without a
+        pyramid whose empty tiles were left out (`iter_overview`); None where it stores all
+        (every other slide) or for levels finer than `overview_level`."""
+        k = self.overview_level
+        if k is None or level < k:
+            return None
+        reader = self._readers[k]
+        reader.build()
+        mask = reader.stored
+        for _ in range(level - k):
+            h, w = mask.shape[0] // 2, mask.shape[1] // 2
+            mask = mask[: 2 * h, : 2 * w].reshape(h, 2, w, 2).any(axis=(1, 3))
+        return None if mask.all() else mask
 
     def level_pixel_size_um(self, level: int) -> float:
         """Pixel size in um of `level` (level 0 times its downsample)."""
@@ -580,6 +614,139 @@ class _DerivedReader:
         return _reader_for, (self.base._display, self.base._level + self.k)
 
 
+class _OverviewReader:
+    """Level `k` of a single stored giant level, built once by one pass over its tiles.
+
+    Tiles the file does not hold (byte count 0: what scanners skip as glass, what a sparse
+    writer leaves out) are not decoded; the blocks they cover get the lowest level of the
+    blocks that were read (glass). The others are read one tile-aligned region at a time and
+    block-averaged, so memory stays the overview's own size. Levels coarser than this one are
+    computed from it (`_DerivedReader` on top).
+    """
+
+    def __init__(self, base: _LevelReader, k: int, empty: np.ndarray, tile_yx: tuple[int, int]):
+        self.base = base
+        self.k = k
+        self.empty = empty  # (tile rows, tile columns) bool: no data stored there
+        self.tile_yx = tile_yx
+        c, h, w = base.shape
+        self.shape = (c, h >> k, w >> k)
+        self.dtype = base.dtype
+        self.ndim = 3
+        self._display = base._display
+        self._level = base._level + k
+        self._data: np.ndarray | None = None
+        self.stored: np.ndarray | None = None  # (Y, X) bool: blocks with stored tiles
+        self._lock = threading.Lock()
+
+    def regions(self) -> list[tuple[int, int, int, int]]:
+        """Level-0 boxes (y0, y1, x0, x1) to read: tile-aligned, whole blocks, not all empty."""
+        f = 1 << self.k
+        th, tw = self.tile_yx
+        band_y, band_x = math.lcm(th, f), math.lcm(tw, f)
+        _, hh, ww = self.shape
+        h0, w0 = hh * f, ww * f
+        out = []
+        for y0 in range(0, h0, band_y):
+            for x0 in range(0, w0, band_x):
+                y1, x1 = min(h0, y0 + band_y), min(w0, x0 + band_x)
+                tiles = self.empty[y0 // th : -(-y1 // th), x0 // tw : -(-x1 // tw)]
+                if not tiles.all():
+                    out.append((y0, y1, x0, x1))
+        return out
+
+    def build(self, progress=None) -> np.ndarray:
+        """Read the overview (once; later calls return it). ``progress(done, total)`` is
+        called after each region."""
+        with self._lock:
+            if self._data is not None:
+                return self._data
+            regions = self.regions()
+            f = 1 << self.k
+            c, hh, ww = self.shape
+            log.warning(
+                "%s: one %d x %d level and no pyramid: reading its overview from %d regions "
+                "of stored tiles (of %d tiles, %d empty); write the slide as a pyramidal "
+                "OME-TIFF (e.g. bfconvert -pyramid-resolutions) to skip this",
+                self._display,
+                *self.base.shape[1:],
+                len(regions),
+                self.empty.size,
+                int(self.empty.sum()),
+            )
+            out = np.zeros(self.shape, self.dtype)
+            read = np.zeros((hh, ww), bool)
+            integer = np.issubdtype(self.dtype, np.integer)
+            for i, (y0, y1, x0, x1) in enumerate(regions):
+                block = self.base[slice(None), slice(y0, y1), slice(x0, x1)]
+                by, bx = (y1 - y0) // f, (x1 - x0) // f
+                means = block.reshape(c, by, f, bx, f).mean(axis=(2, 4), dtype=np.float64)
+                out[:, y0 // f : y0 // f + by, x0 // f : x0 // f + bx] = (
+                    np.rint(means) if integer else means
+                )
+                read[y0 // f : y0 // f + by, x0 // f : x0 // f + bx] = True
+                if progress is not None:
+                    progress(i + 1, len(regions))
+            if read.any() and not read.all():
+                # Blocks of tiles never stored: the glass level of the blocks read (their
+                # lowest percent, from a sample of them).
+                ys, xs = np.nonzero(read)
+                step = max(1, ys.size // 1_000_000)
+                sample = out[:, ys[::step], xs[::step]]
+                glass = np.percentile(sample, 1.0, axis=1)
+                for ch in range(c):
+                    out[ch][~read] = np.rint(glass[ch]) if integer else glass[ch]
+            self.stored = read
+            self._data = out
+            return self._data
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.build()[key].copy()
+
+    def __reduce__(self):
+        return _reader_for, (self._display, self._level)
+
+
+def _empty_tiles(series, level: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """For a tiled or stripped TIFF level: which tile positions hold no data in any page or
+    plane (byte count 0), and the tile size; None where the layout is not one grid."""
+    pages = [p for p in series.levels[level].pages if p is not None]
+    if not pages:
+        return None
+    key = pages[0].keyframe if hasattr(pages[0], "keyframe") else pages[0]
+    h, w = key.imagelength, key.imagewidth
+    if key.is_tiled:
+        th, tw = key.tilelength, key.tilewidth
+    else:
+        th, tw = min(key.rowsperstrip or h, h), w
+    grid = (-(-h // th), -(-w // tw))
+    empty = np.ones(grid, bool)
+    for page in pages:
+        counts = np.asarray(page.databytecounts)
+        if counts.size % (grid[0] * grid[1]):
+            return None
+        empty &= (counts.reshape(-1, *grid) == 0).all(axis=0)
+    return empty, (th, tw)
+
+
+def iter_overview(slide: Slide):
+    """Read the overview of a giant single-level slide now, yielding ``(done, total,
+    "overview")`` as its regions are read; nothing for other slides (a generator).
+
+    Without this the overview is read the first time a coarse level is (`_OverviewReader`),
+    with no progress to show.
+    """
+    from ._threads import iter_in_thread
+
+    for reader in slide._readers:
+        if isinstance(reader, _OverviewReader) and reader._data is None:
+
+            def build(emit, reader=reader):
+                reader.build(lambda done, total: emit((done, total, "overview")))
+
+            yield from iter_in_thread(build, thread_name="lungmets-overview")
+
+
 def _reader_for(display: str, level: int):
     return _open_source(display).readers[level]
 
@@ -607,22 +774,34 @@ def _dask_chunks(shape: tuple[int, int, int], chunks_yx: tuple[int, int], target
     return (shape[0], min(cy, shape[1]) or 1, min(cx, shape[2]) or 1)
 
 
-def _build_levels(readers: list, display: str, token: str) -> tuple[tuple, tuple]:
-    """Add lazy 2x2 levels to a single stored level; wrap every reader in a Dask array."""
+def _build_levels(readers: list, display: str, token: str, tiles=None) -> tuple[tuple, tuple]:
+    """Add lazy 2x2 levels to a single stored level; wrap every reader in a Dask array.
+
+    `tiles` is `_empty_tiles` of that level: a giant level (`GIANT_LEVEL_PX`) gets its first
+    level of at most `OVERVIEW_MAX_SIDE_PX` from `_OverviewReader`, the coarser ones from that.
+    """
     import dask.array as da
 
     readers = list(readers)
     if len(readers) == 1:
         c, h, w = readers[0].shape
+        giant = tiles is not None and h * w > GIANT_LEVEL_PX
         k = 0
+        base, k_base = readers[0], 0
         while max(h, w) >= MIN_LEVEL_SIZE_PX:
             h, w, k = h // 2, w // 2, k + 1
-            readers.append(_DerivedReader(readers[0], k))
+            if giant and k_base == 0 and max(h, w) <= OVERVIEW_MAX_SIDE_PX:
+                base, k_base = _OverviewReader(readers[0], k, *tiles), k
+                readers.append(base)
+            elif k_base:
+                readers.append(_DerivedReader(base, k - k_base))
+            else:
+                readers.append(_DerivedReader(readers[0], k))
     base_chunks = _dask_chunks(readers[0].shape, readers[0].chunks_yx)
     levels = []
     for i, reader in enumerate(readers):
-        if isinstance(reader, _DerivedReader):
-            f = 2**reader.k
+        if isinstance(reader, _DerivedReader | _OverviewReader):
+            f = 2**i
             chunks = (
                 reader.shape[0],
                 min(max(128, base_chunks[1] // f), reader.shape[1]) or 1,
@@ -811,7 +990,8 @@ def _tiff_source(tif, path: Path, display: str, size: int, token: str) -> _Sourc
     if pixel_size is None:
         pixel_size = _tiff_resolution_um(tif, page0)
     brightfield = fmt in ("svs", "ndpi") or (rgb and page0.dtype == np.uint8)
-    levels, readers = _build_levels(readers, display, token)
+    tiles = _empty_tiles(*stored[0]) if len(stored) == 1 else None
+    levels, readers = _build_levels(readers, display, token, tiles)
     return _Source(
         path=path,
         format=fmt,

@@ -188,10 +188,12 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
         If the slide holds no tissue.
     """
     lev = slide.level_for_pixel_size(config.tissue_pixel_size_um)
+    if slide.overview_level is not None:  # giant, no pyramid: no finer level is read whole
+        lev = max(lev, slide.overview_level)
     ds = slide.downsamples[lev]
     low = np.asarray(slide.levels[lev].compute())
     mask_px = slide.pixel_size_um * ds
-    mask, offset = tissue_mask(low, mask_px)
+    mask, offset = tissue_mask(low, mask_px, stored=slide.stored_mask(lev))
     if not mask.any():
         raise InputError(
             f"{slide.path}: no tissue found (the slide looks like empty glass); check that this "
@@ -501,11 +503,12 @@ def iter_analyze_slide(
     -------
     AnalysisResult
     """
-    from .io import open_slide
+    from .io import iter_overview, open_slide
 
     config = config or AnalysisConfig()
     t0 = time.perf_counter()
     slide = open_slide(path, channels=channels, pixel_size_um=pixel_size_um)
+    yield from iter_overview(slide)  # a giant slide without a pyramid: its coarse view
     mask, mask_px, stain = measure_background(slide, config)
     cancel = cancel if cancel is not None else threading.Event()
     _raise_if_cancelled(cancel)

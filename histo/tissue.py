@@ -50,6 +50,7 @@ def tissue_mask(
     min_object_um2: float = 5000.0,
     max_hole_um2: float = 200_000.0,
     min_snr: float = 8.0,
+    stored: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tissue mask of a low-resolution (C, Y, X) image.
 
@@ -71,6 +72,9 @@ def tissue_mask(
     min_snr : float
         Tissue is brighter than glass by this many standard deviations of glass noise
         (averaged over channels, after light smoothing).
+    stored : ndarray of bool, shape (Y, X), optional
+        Pixels the file holds data for (`histo.io.Slide.stored_mask`); the others are glass
+        the scanner did not store: they are neither measured nor tissue.
 
     Returns
     -------
@@ -86,12 +90,15 @@ def tissue_mask(
     # Float data have no such floor (their whole range may be 0..1).
     quantum = 1.0 if np.issubdtype(image.dtype, np.integer) else 0.0
     for i in range(c):
-        offset[i], noise[i] = glass_level(img[i], quantum=quantum)
+        values = img[i] if stored is None or not stored.any() else img[i][stored]
+        offset[i], noise[i] = glass_level(values, quantum=quantum)
     # Signal-to-noise over glass, averaged over channels: glass is ~0, tissue (even the faint
     # autofluorescence of airspaces, at this resolution) is far above it.
     snr = ((img - offset[:, None, None]) / noise[:, None, None]).mean(axis=0)
     snr = ndi.gaussian_filter(snr, 1.0)
     mask = snr > min_snr
+    if stored is not None:
+        mask &= stored
     close_px = max(1, int(round(12.0 / pixel_size_um)))
     mask = ndi.binary_closing(mask, iterations=close_px, border_value=0)
     px_area = pixel_size_um**2
@@ -108,6 +115,8 @@ def tissue_mask(
         small = sizes * px_area < max_hole_um2
         small[0] = False
         mask |= small[lab]
+    if stored is not None:
+        mask &= stored
     return mask, offset
 
 

@@ -398,6 +398,8 @@ class AnalyzeWidget(QWidget):
         advance(self._pbar, done, total, message)
         if message == "chunks":
             self._set_status(f"Analysing: {done} of {total} chunks")
+        elif message == "overview":
+            self._set_status(f"No pyramid: reading an overview, {done} of {total} regions")
         else:
             self._set_status(f"{message[:1].upper()}{message[1:]} …")
 
