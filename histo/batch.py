@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._threads import iter_in_thread
@@ -47,6 +47,8 @@ class SlideOutcome:
     lesions: int | None = None
     seconds: float = 0.0
     status: str = ""
+    #: What ran otherwise than asked (summary.json "fallbacks"): GPU -> CPU, a memory guess.
+    fallbacks: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.status:
@@ -128,19 +130,29 @@ def finished_outcome(folder: Path, key: str) -> SlideOutcome | None:
         counts.get("lesions"),
         0.0,
         status="skipped",
+        fallbacks=list(s.get("fallbacks", [])),
     )
 
 
-def max_parallel_slides(config: AnalysisConfig, threads_per_slide: int) -> int:
-    """How many slides fit in memory at once (estimate from the available memory)."""
-    avail = _available_bytes()
+def max_parallel_slides(
+    config: AnalysisConfig, threads_per_slide: int, available_bytes: float | None = None
+) -> int:
+    """How many slides fit in memory at once (estimate from the available memory, read
+    with `available_memory` unless given)."""
+    avail = available_bytes if available_bytes is not None else available_memory()
+    avail = ASSUMED_MEMORY_BYTES if avail is None else avail
     kind = "unet-dense" if config.method == "unet" and not config.screen else config.method
     per_task = _TASK_BYTES[kind] * (config.chunk_size_px / 2048) ** 2
     per_slide = 0.4e9 + threads_per_slide * per_task
     return max(1, int(0.7 * avail // per_slide))
 
 
-def _available_bytes() -> float:
+#: What `iter_run_batch` assumes when the free memory cannot be read (and says so).
+ASSUMED_MEMORY_BYTES = 4e9
+
+
+def available_memory() -> float | None:
+    """Memory available to new work (bytes), or None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -151,11 +163,11 @@ def _available_bytes() -> float:
     try:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
-        return 4e9
+        return None
 
 
 def _run_one(
-    i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False, cancel=None
+    i, path, out_dir, config, force, kwargs, *, emit, labels_zarr=False, cancel=None, notes=()
 ) -> SlideOutcome:
     """Analyse and write one slide; every error becomes a failed outcome. Once `cancel` (a
     `threading.Event`) is set, no further chunk starts and nothing is written."""
@@ -194,6 +206,7 @@ def _run_one(
                 break
             # "chunks", or "overview" (a giant slide without a pyramid, read first)
             emit(BatchEvent(step, i, 0, done=done_n, total=total, slide=name))
+        result.summary["fallbacks"] = [*notes, *result.summary.get("fallbacks", [])]
         result.summary["run_key"] = key
         # What else the key was made of, so that `lungmets rethreshold` can renew it.
         result.summary["run_key_inputs"] = {
@@ -222,6 +235,7 @@ def _run_one(
             len(result.cells),
             len(result.lesions),
             time.perf_counter() - t0,
+            fallbacks=result.summary["fallbacks"],
         )
     except InputError as exc:
         return SlideOutcome(name, False, message=str(exc), seconds=time.perf_counter() - t0)
@@ -337,8 +351,17 @@ def iter_run_batch(
     parallel = max(1, min(parallel, n or 1))
     cores = os.cpu_count() or 1
     distributed = bool(workers or scheduler)
+    notes: list[str] = []  # fallbacks of the whole batch, recorded in each slide's summary
     if parallel > 1 and not distributed:
-        fit = max_parallel_slides(config, max(1, cores // parallel))
+        avail = available_memory()
+        if avail is None:
+            avail = ASSUMED_MEMORY_BYTES
+            notes.append(
+                f"free memory could not be read: {avail / 1e9:.0f} GB assumed to choose how "
+                "many slides run at once"
+            )
+            log.warning("%s", notes[-1])
+        fit = max_parallel_slides(config, max(1, cores // parallel), available_bytes=avail)
         if fit < parallel:
             log.warning(
                 "%d slides at once would not fit in the available memory; running %d",
@@ -378,6 +401,7 @@ def iter_run_batch(
                     kwargs,
                     labels_zarr=labels_zarr,
                     cancel=cancel,
+                    notes=notes,
                 )
                 try:
                     while True:
@@ -395,7 +419,7 @@ def iter_run_batch(
             return outcomes
         return (
             yield from _parallel(
-                slides, out_dir, config, force, kwargs, parallel, labels_zarr, cancel
+                slides, out_dir, config, force, kwargs, parallel, labels_zarr, cancel, notes
             )
         )
     finally:
@@ -404,7 +428,7 @@ def iter_run_batch(
             cluster.close()
 
 
-def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr, cancel):
+def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr, cancel, notes):
     from concurrent.futures import ThreadPoolExecutor
 
     n = len(slides)
@@ -423,6 +447,7 @@ def _parallel(slides, out_dir, config, force, kwargs, parallel, labels_zarr, can
             emit=q.put,
             labels_zarr=labels_zarr,
             cancel=cancel,
+            notes=notes,
         )
         q.put(BatchEvent("done", i, n, outcome=outcome, slide=str(path)))
 

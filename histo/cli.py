@@ -402,6 +402,9 @@ def _print_outcomes(outcomes, out) -> int:
             f"{Path(o.slide).name:<{width}}  {o.status.upper() if not o.ok else o.status:<7}  "
             f"{cells:>11}  {lesions:>7}  {o.seconds:>8.1f}  {o.out_dir or ''}"
         )
+    for o in outcomes:
+        for note in o.fallbacks:
+            print(f"{Path(o.slide).name}: ran otherwise than asked: {note}")
     failed = sum(not o.ok for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
     ok = len(outcomes) - failed
@@ -481,7 +484,12 @@ def _run_cohort(args: argparse.Namespace) -> int:
     from histo.report import run_cohort
 
     result, report = run_cohort(
-        args.samples, args.results, args.out, control=args.control, n_boot=args.bootstrap
+        args.samples,
+        args.results,
+        args.out,
+        control=args.control,
+        n_boot=args.bootstrap,
+        repair_journals=args.repair,
     )
     for w in result.warnings:
         print(f"{PROG}: warning: {w}", file=sys.stderr)
@@ -945,6 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=5000,
         metavar="N",
         help="bootstrap resamples of the fold-change interval (default: %(default)s)",
+    )
+    cohort_cmd.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop the lines of review journals (corrections.jsonl) that are not corrections, "
+        "keeping each journal as it was in a .bak-TIME copy (default: refuse such slides)",
     )
     cohort_cmd.set_defaults(handler=_run_cohort)
 

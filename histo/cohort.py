@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .review import ReviewSession
+from .review import JOURNAL, ReviewSession, repair_journal
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,11 @@ def resolve_slides(sheet: pd.DataFrame, sheet_path: str | os.PathLike) -> list[P
 
 
 def load_sections(
-    sheet: pd.DataFrame, results_dir: str | os.PathLike, sheet_path: str | os.PathLike = ""
+    sheet: pd.DataFrame,
+    results_dir: str | os.PathLike,
+    sheet_path: str | os.PathLike = "",
+    *,
+    repair_journals: bool = False,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Join each row of the sample sheet with its slide's results.
 
@@ -258,6 +262,10 @@ def load_sections(
     results_dir : path-like
         The ``--out`` folder of ``lungmets run``: one folder per slide with ``summary.json`` and
         ``lesions.csv``.
+    repair_journals : bool
+        Drop the lines of review journals that are not corrections (`histo.review.
+        repair_journal`, which keeps a backup) instead of refusing those slides; each repair
+        is a warning.
 
     Returns
     -------
@@ -290,6 +298,14 @@ def load_sections(
             )
             problems.append(f"line {r.line}: {r.slide}: {why} in {folder}")
             continue
+        if repair_journals:
+            dropped, backup = repair_journal(folder / JOURNAL)
+            if dropped:
+                warnings.append(
+                    f"{r.slide}: {len(dropped)} line(s) of {folder / JOURNAL} dropped ("
+                    + "; ".join(f"line {d.line}: {d.why}" for d in dropped)
+                    + f"); the journal as it was is kept as {backup}"
+                )
         try:
             summary = json.loads(summary_path.read_text())
             session = ReviewSession(folder)
@@ -313,7 +329,14 @@ def load_sections(
         for k in COUNTS:
             v = counts.get(k)
             row[k] = np.nan if v is None else float(v)
+        for note in summary.get("fallbacks", []):
+            warnings.append(f"{r.slide}: ran otherwise than asked: {note}")
         row["tissue_area_mm2"] = float(summary.get("tissue_area_mm2", np.nan))
+        if not np.isfinite(row["tissue_area_mm2"]) or row["tissue_area_mm2"] <= 0:
+            warnings.append(
+                f"{r.slide}: {summary_path} gives no tissue area; this section has no "
+                "densities and its mouse's densities leave it out (run the slide again)"
+            )
         ki67 = (summary.get("markers") or {}).get("Ki67") or {}
         thr = ki67.get("threshold") if ki67.get("applied", True) else None
         method = (ki67.get("method") if ki67.get("applied", True) else "detector") if ki67 else None
@@ -466,8 +489,17 @@ def aggregate_mice(sections: pd.DataFrame) -> pd.DataFrame:
     mice = g[counts + ["tissue_area_mm2"]].sum(min_count=1)
     mice.insert(0, "n_sections", g.size())
     area = mice["tissue_area_mm2"]
+    # Densities over the sections whose tissue area is known (a section without one is a
+    # warning of `load_sections`): its cells must not count over the others' area.
+    has_area = sections["tissue_area_mm2"].gt(0)
+    measured = (
+        sections[has_area]
+        .groupby(keys, sort=True, dropna=False)[counts]
+        .sum(min_count=1)
+        .reindex(mice.index)
+    )
     for c in counts:
-        mice[f"{c}_per_mm2"] = mice[c] / area
+        mice[f"{c}_per_mm2"] = measured[c] / area
     if {"ki67_pos_cells", "her2_cells"} <= set(mice.columns):
         her2 = mice["her2_cells"].where(mice["her2_cells"] > 0)
         mice["ki67_fraction"] = mice["ki67_pos_cells"] / her2
@@ -690,6 +722,7 @@ def analyze_cohort(
     control: str | None = None,
     n_boot: int = 5000,
     seed: int = 0,
+    repair_journals: bool = False,
 ) -> CohortResult:
     """Sample sheet + per-slide results -> sections, mice, group statistics.
 
@@ -703,6 +736,8 @@ def analyze_cohort(
         The control group (default: the group named PBS, control, mock, saline ...).
     n_boot, seed
         Bootstrap of the fold-change confidence interval.
+    repair_journals : bool
+        See `load_sections`.
 
     Returns
     -------
@@ -714,7 +749,7 @@ def analyze_cohort(
         For a bad sample sheet or missing results, listing every row at fault.
     """
     sheet = read_sample_sheet(samples)
-    sections, warnings = load_sections(sheet, results_dir, samples)
+    sections, warnings = load_sections(sheet, results_dir, samples, repair_journals=repair_journals)
     mice = aggregate_mice(sections)
     stats, trend, w = compare_groups(mice, control=control, n_boot=n_boot, seed=seed)
     warnings += w

@@ -235,6 +235,8 @@ def detect_cells_unet(
             channels_last=True,
         )
 
+    # What the chunk fell back to, if anything: recorded in summary.json ("fallbacks").
+    fallback = None
     try:
         maps = run(model, config.batch_size)
     except torch.cuda.OutOfMemoryError:
@@ -243,11 +245,13 @@ def detect_cells_unet(
         log = logging.getLogger(__name__)
         log.warning("GPU out of memory with batch %d; retrying with batch 1", config.batch_size)
         torch.cuda.empty_cache()
+        fallback = f"GPU out of memory with batch {config.batch_size}: ran with batch 1"
         try:
             maps = run(model, 1)
         except torch.cuda.OutOfMemoryError:
             log.warning("GPU out of memory with batch 1; running this chunk on the CPU")
             torch.cuda.empty_cache()
+            fallback = "GPU out of memory even with batch 1: ran on the CPU"
             maps = run(load_model(config.model_path, "cpu"), 1)
     has_ki67 = "Ki67" in roles
     # The model's own operating point (calibrated on its validation slides; see its JSON).
@@ -258,7 +262,10 @@ def detect_cells_unet(
     if len(cells) == 0:
         from .detect import _empty
 
-        return _empty(has_ki67, [f"{n}_mean" for n, _ in extra_channels])
+        empty = _empty(has_ki67, [f"{n}_mean" for n, _ in extra_channels])
+        if fallback:
+            empty.attrs["fallback"] = fallback
+        return empty
 
     # Cell regions at model resolution: watershed of the cell map from the peaks.
     from skimage.segmentation import watershed
@@ -338,4 +345,6 @@ def detect_cells_unet(
         out[f"{name}_mean"] = means(block(ci), regions)[0]
     out["centre_prob"] = cells["centre_prob"].to_numpy()
     out["cell_prob"] = cells["cell_prob"].to_numpy()
+    if fallback:
+        out.attrs["fallback"] = fallback
     return out

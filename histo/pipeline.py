@@ -17,6 +17,7 @@ import os
 import platform
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +130,14 @@ def analyze_tile(
         origin_px=origin_px,
         extra_channels=extra_channels,
     )
+    fallback = cells.attrs.get("fallback")  # e.g. GPU out of memory: ran on the CPU
     if core is not None and len(cells):
         cells = cells[core.owns(cells["y_px"].to_numpy(), cells["x_px"].to_numpy())]
     cells = cells.assign(x_um=cells["x_px"] * pixel_size_um, y_um=cells["y_px"] * pixel_size_um)
-    return cells.drop(columns=["x_px", "y_px"]).reset_index(drop=True)
+    cells = cells.drop(columns=["x_px", "y_px"]).reset_index(drop=True)
+    if fallback:
+        cells.attrs["fallback"] = fallback
+    return cells
 
 
 def _chunk_task(path, channels, pixel_size_um, chunk: Chunk, config, stain) -> pd.DataFrame:
@@ -555,6 +560,7 @@ def iter_analyze_slide(
     parts = yield from runner
     _raise_if_cancelled(cancel)
     t_chunks = time.perf_counter() - t0 - t_tissue
+    fell_back = Counter(p.attrs["fallback"] for p in parts if p.attrs.get("fallback"))
     found = [p for p in parts if len(p)]
     # Every chunk returns a table with the detector's columns, empty ones included.
     cells = pd.concat(found, ignore_index=True) if found else parts[0]
@@ -568,6 +574,10 @@ def iter_analyze_slide(
         slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where, checksum
     )
     summary["markers"] = {m: t.to_dict() for m, t in markers.items()}
+    # Anything that ran otherwise than asked (resources, not results): say so.
+    summary["fallbacks"] = [
+        f"{what} ({n} of {len(parts)} chunks)" for what, n in sorted(fell_back.items())
+    ]
     if region_px is not None:
         summary["input"]["region_px"] = [int(v) for v in region_px]
     summary["timings_s"] = {

@@ -39,6 +39,7 @@ def run_cohort(
     control: str | None = None,
     n_boot: int = 5000,
     seed: int = 0,
+    repair_journals: bool = False,
 ) -> tuple[CohortResult, Path]:
     """Analyse a study and write its report: `histo.cohort.analyze_cohort` + `write_report`.
 
@@ -48,7 +49,14 @@ def run_cohort(
     report : Path
         The HTML report.
     """
-    result = analyze_cohort(samples, results_dir, control=control, n_boot=n_boot, seed=seed)
+    result = analyze_cohort(
+        samples,
+        results_dir,
+        control=control,
+        n_boot=n_boot,
+        seed=seed,
+        repair_journals=repair_journals,
+    )
     return result, write_report(result, out_dir)
 
 

@@ -152,10 +152,19 @@ class ReviewSession:
                 "run 'lungmets run' on the slide first"
             )
         self._base_lesions = pd.read_csv(path)
+        summary_path = self.folder / "summary.json"
+        if not summary_path.is_file():
+            raise InputError(
+                f"{self.folder}: no summary.json: the analysis of this slide did not finish; "
+                "run 'lungmets run' on it again (its corrections, if any, are kept)"
+            )
         try:
-            summary = json.loads((self.folder / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {}
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{summary_path}: unreadable ({exc}); run 'lungmets run' on the slide again "
+                "with --force (its corrections, if any, are kept)"
+            ) from None
         self._summary = summary
         self._run_key = summary.get("run_key")
         roles = summary.get("input", {}).get("roles")
@@ -743,25 +752,122 @@ def reviewed_counts(lesions: pd.DataFrame, has_ki67: bool | None = None) -> dict
 
 
 def append_journal(path: str | os.PathLike, correction: Correction) -> None:
-    """Append one correction to the journal and force it to disk."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(correction.to_json() + "\n")
+    """Append one correction to the journal and force it to disk.
+
+    A torn last line (a crash mid-write: no line end) is cut off first, so that the new line
+    does not run on from it.
+    """
+    path = Path(path)
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                keep = f.read().rfind(b"\n") + 1
+                log.warning("%s: a torn last line (%d bytes) was cut off", path, size - keep)
+                f.truncate(keep)
+        f.seek(0, os.SEEK_END)
+        f.write((correction.to_json() + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_journal(path: str | os.PathLike) -> list[Correction]:
-    """The corrections of a journal; a torn last line (a crash mid-write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+@dataclass
+class JournalProblem:
+    """A line of a journal that is not a correction in force: ``line`` (1-based), ``text``
+    and ``why``."""
+
+    line: int
+    text: str
+    why: str
+
+
+def _parse_journal(path: Path) -> tuple[list[Correction], list[JournalProblem], bool]:
+    """Corrections, problems (malformed lines, undos of nothing) and whether the last line is
+    torn (no line end: a crash mid-write)."""
+    raw = path.read_text(encoding="utf-8")
+    lines = raw.splitlines()
+    torn = bool(raw) and not raw.endswith("\n")
+    out: list[Correction] = []
+    problems = []
+    lines_of: dict[int, int] = {}
     for k, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            out.append(Correction(**json.loads(line)))
-        except (ValueError, TypeError):
-            log.warning("%s: line %d is not a correction and was skipped", path, k)
+            c = Correction(**json.loads(line))
+        except (ValueError, TypeError) as exc:
+            if torn and k == len(lines):
+                log.warning("%s: line %d is torn (a crash mid-write) and was skipped", path, k)
+                continue
+            problems.append(JournalProblem(k, line, f"not a correction ({exc})"))
+            continue
+        out.append(c)
+        lines_of[id(c)] = k
+    seqs = {c.seq for c in out}
+    for c in out:
+        if c.action == "undo" and c.undoes not in seqs:
+            problems.append(
+                JournalProblem(lines_of[id(c)], "", f"undoes correction {c.undoes}, not there")
+            )
+    return out, problems, torn
+
+
+def read_journal(path: str | os.PathLike) -> list[Correction]:
+    """The corrections of a journal.
+
+    A torn last line (a crash mid-write) is skipped with a warning. Any other line that is not
+    a correction, or an undo of a correction that is not there, is an `InputError` naming the
+    file and line: corrections are never dropped silently (`repair_journal` drops them,
+    keeping a backup).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out, problems, _ = _parse_journal(path)
+    if problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(
+            f"{path}: line {p.line}: {p.why}{more}; none of this slide's corrections were "
+            "used. Fix the line, or drop such lines with 'lungmets cohort ... --repair' "
+            "(the journal is backed up first)"
+        )
     return out
+
+
+def repair_journal(path: str | os.PathLike) -> tuple[list[JournalProblem], Path | None]:
+    """Rewrite a journal without the lines `read_journal` refuses (and without a torn last
+    line), after copying it to ``<journal>.bak-<UTC time>``.
+
+    Returns
+    -------
+    problems : list of JournalProblem
+        The lines dropped (empty: nothing to repair, nothing written).
+    backup : Path or None
+        The copy of the journal as it was.
+    """
+    import shutil
+
+    from .atomic import atomic_path
+
+    path = Path(path)
+    if not path.is_file():
+        return [], None
+    _, problems, torn = _parse_journal(path)
+    if not problems:
+        return [], None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup = path.with_name(f"{path.name}.bak-{stamp}")
+    shutil.copy2(path, backup)
+    drop = {p.line for p in problems}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if torn:
+        drop.add(len(lines))
+    kept = [line for k, line in enumerate(lines, start=1) if k not in drop and line.strip()]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    # An undo can lose its target only through a dropped line: repeat until none is left.
+    more, _ = repair_journal(path)
+    return problems + more, backup

@@ -328,3 +328,18 @@ def test_holm_and_bootstrap_properties():
     fc, lo, hi = fold_change_ci([2, 2, 2], [1, 1, 1])
     assert fc == lo == hi == 2
     assert np.isnan(fold_change_ci([1, 2], [0, 0])[0])  # control mean 0: undefined
+
+
+def test_a_section_without_tissue_area_does_not_inflate_its_mouses_density():
+    from histo.cohort import COUNTS, aggregate_mice
+
+    rows = []
+    for mouse, cells, area in [("m1", 12, 1.5), ("m1", 30, np.nan), ("m2", 8, 2.0)]:
+        row = {"mouse": mouse, "group": "IAV", "dpi": 15, "tissue_area_mm2": area}
+        row.update({c: float(cells) for c in COUNTS})
+        rows.append(row)
+    mice = aggregate_mice(pd.DataFrame(rows)).set_index("mouse")
+    assert mice.loc["m1", "her2_cells"] == 42  # every cell is counted ...
+    # ... but its density is over the sections whose area is known
+    assert mice.loc["m1", "her2_cells_per_mm2"] == pytest.approx(12 / 1.5)
+    assert mice.loc["m2", "her2_cells_per_mm2"] == pytest.approx(8 / 2.0)

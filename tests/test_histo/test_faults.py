@@ -4,6 +4,7 @@ cannot hold results, a disk that fills up while results are written."""
 from __future__ import annotations
 
 import errno
+import json
 import signal
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def test_ctrl_c_stops_the_cli_and_leaves_nothing_that_looks_complete(slide, tmp_
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: pytest-xdist workers ignore SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Wait until chunks are being analysed (their progress bar appears).
     seen = ""
@@ -181,3 +184,77 @@ def test_a_full_disk_leaves_no_summary_and_the_batch_goes_on(slide, tmp_path, mo
     assert not (out / "lung_a" / "summary.json").exists()
     assert not [p.name for p in (out / "lung_a").iterdir() if p.name.endswith(".tmp")]
     assert after.ok and (out / "lung_b" / "summary.json").exists()
+
+
+# -- fallbacks: whatever ran otherwise than asked is recorded and shown ---------------------
+
+
+def test_a_gpu_out_of_memory_fallback_is_in_the_summary_and_the_cli_table(
+    tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    from histo.cli import main
+
+    small = generate_slide(
+        tmp_path / "lung_c.ome.tif", size_px=(768, 768), group="IAV", dpi=15, seed=33
+    )
+    real_sigmoid = torch.sigmoid
+    calls = {"n": 0}
+
+    def sigmoid_out_of_memory_once(x, *args, **kwargs):
+        # The first batch of the network does not fit on the (simulated) GPU.
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_sigmoid(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sigmoid", sigmoid_out_of_memory_once)
+    out = tmp_path / "out"
+    assert main(["run", str(small.path), "--out", str(out), "--chunk-size", "512"]) == 0
+    summary = json.loads((out / "lung_c" / "summary.json").read_text())
+    (note,) = summary["fallbacks"]
+    assert note.startswith("GPU out of memory with batch") and "(1 of" in note
+    shown = capsys.readouterr().out
+    assert f"lung_c.ome.tif: ran otherwise than asked: {note}" in shown
+
+
+def test_a_memory_guess_is_recorded_for_every_slide_of_the_batch(
+    slide, tmp_path, monkeypatch, capsys
+):
+    import builtins
+    import os
+
+    from histo.cohort import analyze_cohort
+
+    second = generate_slide(
+        tmp_path / "lung_d.ome.tif", size_px=(1024, 1024), group="PBS", dpi=15, seed=34
+    )
+    real_open = builtins.open
+
+    def open_without_meminfo(file, *args, **kwargs):
+        if str(file) == "/proc/meminfo":
+            raise OSError("not mounted (simulated)")
+        return real_open(file, *args, **kwargs)
+
+    def no_sysconf(name):
+        raise ValueError(f"unknown {name} (simulated)")
+
+    monkeypatch.setattr(builtins, "open", open_without_meminfo)
+    monkeypatch.setattr(os, "sysconf", no_sysconf)
+    out = tmp_path / "out"
+    outcomes = run_batch(
+        [slide.path, second.path], out, AnalysisConfig(method="classical"), parallel=2
+    )
+    for o in outcomes:
+        assert o.ok
+        summary = json.loads((o.out_dir / "summary.json").read_text())
+        assert any("free memory could not be read" in f for f in summary["fallbacks"])
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(
+        "slide,mouse,group,dpi,section\n"
+        f"{slide.path.name},m1,IAV,15,1\n{second.path.name},m2,PBS,15,1\n"
+    )
+    cohort = analyze_cohort(sheet, out, n_boot=100)
+    flagged = [w for w in cohort.warnings if "free memory could not be read" in w]
+    assert len(flagged) == 2  # one per section, in the report's warnings

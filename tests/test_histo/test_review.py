@@ -9,7 +9,8 @@ import pytest
 
 from histo.batch import run_batch
 from histo.config import AnalysisConfig
-from histo.review import JOURNAL, ReviewSession, read_journal
+from histo.errors import InputError
+from histo.review import JOURNAL, ReviewSession, read_journal, repair_journal
 from histo.synthetic import generate_slide
 
 
@@ -69,6 +70,82 @@ def test_torn_last_line_is_skipped(folder):
     again = ReviewSession(folder)
     assert again.lesions["status"].iloc[0] == "rejected"
     assert again.n_corrections == 1
+
+
+def test_a_new_correction_after_a_torn_line_does_not_run_on_from_it(folder):
+    s = ReviewSession(folder)
+    s.reject(s.lesions.index[0])
+    with open(folder / JOURNAL, "a") as f:
+        f.write('{"seq": 2, "action": "rej')  # napari died mid-write
+    again = ReviewSession(folder)
+    again.reject(again.lesions.index[1])  # the torn line is cut off, the new one kept
+    lines = (folder / JOURNAL).read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["action"] == "reject" for line in lines)
+    assert ReviewSession(folder).n_corrections == 2
+
+
+def _journal_with_a_bad_line(folder):
+    """Three rejections, the second line damaged (edited by hand, or a disk error)."""
+    s = ReviewSession(folder)
+    for lesion in s.lesions.index[:3]:
+        s.reject(lesion)
+    lines = (folder / JOURNAL).read_text().splitlines()
+    lines[1] = "#" + lines[1][1:]
+    (folder / JOURNAL).write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_a_bad_line_that_is_not_the_last_is_an_error_naming_file_and_line(folder):
+    _journal_with_a_bad_line(folder)
+    with pytest.raises(InputError, match=r"corrections\.jsonl: line 2: not a correction.*--repair"):
+        read_journal(folder / JOURNAL)
+    with pytest.raises(InputError, match="line 2"):
+        ReviewSession(folder)
+
+
+def test_an_undo_of_nothing_is_an_error(folder):
+    s = ReviewSession(folder)
+    s.reject(s.lesions.index[0])
+    s.undo()
+    lines = (folder / JOURNAL).read_text().splitlines()
+    (folder / JOURNAL).write_text(lines[1] + "\n")  # the undo without what it undoes
+    with pytest.raises(InputError, match="line 1: undoes correction 1, not there"):
+        read_journal(folder / JOURNAL)
+
+
+def test_repair_drops_only_the_bad_lines_and_keeps_a_backup(folder):
+    lines = _journal_with_a_bad_line(folder)
+    dropped, backup = repair_journal(folder / JOURNAL)
+    assert [d.line for d in dropped] == [2]
+    assert backup.read_text().splitlines() == lines  # the journal as it was
+    assert (folder / JOURNAL).read_text().splitlines() == [lines[0], lines[2]]
+    assert ReviewSession(folder).n_corrections == 2
+    assert repair_journal(folder / JOURNAL) == ([], None)  # nothing left to repair
+
+
+def test_the_cohort_refuses_a_damaged_journal_and_repairs_it_when_asked(folder, tmp_path):
+    import subprocess
+    import sys
+
+    _journal_with_a_bad_line(folder)
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(f"slide,mouse,group,dpi,section\n{folder.name}.ome.tif,m1,IAV,15,1\n")
+    cmd = [sys.executable, "-m", "histo", "cohort", str(sheet), str(folder.parent)]
+    refused = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "r1")], capture_output=True, text=True, check=False
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{folder / JOURNAL}: line 2" in refused.stderr
+    repaired = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "r2"), "--repair", "--bootstrap", "100"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert repaired.returncode == 0, repaired.stderr
+    assert "1 line(s)" in repaired.stderr and ".bak-" in repaired.stderr
+    sections = pd.read_csv(tmp_path / "r2" / "sections.csv")
+    assert sections["reviewed_corrections"].iloc[0] == 2
 
 
 def test_corrections_follow_lesions_after_reanalysis(analysed, tmp_path):
