@@ -343,3 +343,37 @@ def test_a_section_without_tissue_area_does_not_inflate_its_mouses_density():
     # ... but its density is over the sections whose area is known
     assert mice.loc["m1", "her2_cells_per_mm2"] == pytest.approx(12 / 1.5)
     assert mice.loc["m2", "her2_cells_per_mm2"] == pytest.approx(8 / 2.0)
+
+
+def test_holm_is_step_down_not_bonferroni():
+    # Sorted p 0.01, 0.03, 0.04: Holm multiplies by 3, 2, 1 and keeps them monotone
+    # (0.03, 0.06, max(0.06, 0.04)); Bonferroni would give 0.03, 0.09, 0.12.
+    adj = holm(np.array([0.04, 0.01, 0.03]))
+    np.testing.assert_allclose(adj, [0.06, 0.03, 0.06])
+    assert holm(np.array([0.01, 0.02, 0.03]))[2] == pytest.approx(0.04)  # Bonferroni: 0.09
+
+
+def test_the_t_test_is_welchs_not_students():
+    """Unequal spreads and sizes: Welch's p (computed here from its formula) differs from the
+    pooled-variance Student p, and the cohort reports Welch's."""
+    from scipy import stats as st
+
+    control = np.array([10.0, 10.5, 9.5, 10.2, 9.8, 10.1, 9.9, 10.0])
+    infected = np.array([12.0, 25.0, 8.0, 30.0])
+    mice = pd.DataFrame(
+        {
+            "mouse": [f"m{i}" for i in range(12)],
+            "group": ["PBS"] * 8 + ["IAV"] * 4,
+            "dpi": 15,
+            "her2_cells_per_mm2": np.r_[control, infected],
+        }
+    )
+    stats, _, _ = compare_groups(mice, metrics=["her2_cells_per_mm2"], n_boot=100)
+    v1, v2 = infected.var(ddof=1) / 4, control.var(ddof=1) / 8
+    t = (infected.mean() - control.mean()) / np.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / (v1**2 / 3 + v2**2 / 7)
+    welch = 2 * st.t.sf(abs(t), df)
+    pooled = ((3 * infected.var(ddof=1) + 7 * control.var(ddof=1)) / 10) * (1 / 4 + 1 / 8)
+    student = 2 * st.t.sf(abs((infected.mean() - control.mean()) / np.sqrt(pooled)), 10)
+    assert abs(welch - student) > 0.02  # the case tells the two apart
+    assert stats["p_welch"].iloc[0] == pytest.approx(welch, rel=1e-9)
