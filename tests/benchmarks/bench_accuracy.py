@@ -36,7 +36,9 @@ def _f1(tp, n_pred, n_truth):
 
 
 def _perturbed(s, name: str, tmp: Path):
-    """A copy of slide `s` with HER2 and DAPI scaled (``scaleF``) or its noise doubled."""
+    """A copy of slide `s` with HER2 and DAPI scaled (``scaleF``; the reference levels scale
+    with them, so this checks that they do, not robustness) or its noise's standard deviation
+    multiplied (``noiseF``)."""
     import dataclasses
 
     import numpy as np
@@ -49,11 +51,15 @@ def _perturbed(s, name: str, tmp: Path):
     if name.startswith("scale"):
         f = float(name[5:])
         img[:2] = off + (img[:2] - off) * f
-    elif name == "noise2":
+    elif name.startswith("noise"):
+        # The slide's own noise (shot noise at the generator's middle gain, 1.8 electrons per
+        # count (it draws 1.2-2.5), and its read noise) times F: independent noise of
+        # sqrt(F^2 - 1) times that standard deviation is added.
+        f = float(name[5:])
         rng = np.random.default_rng(0)
         read = s.meta["stain"]["read_noise"]
         sd = np.sqrt(np.clip(img - off, 0, None) / 1.8 + read**2)
-        img += rng.normal(0, 1, img.shape).astype(np.float32) * sd
+        img += rng.normal(0, 1, img.shape).astype(np.float32) * sd * np.sqrt(f**2 - 1)
     else:
         raise ValueError(name)
     out = tmp / f"{s.path.name[:-8]}_{name}.ome.tif"
@@ -74,7 +80,8 @@ def main() -> None:
     ap.add_argument(
         "--perturb",
         default="none,scale0.5,scale2,noise2",
-        help="robustness variants: HER2 and DAPI scaled, or noise doubled",
+        help="variants: HER2 and DAPI scaled (scaleF), or the noise's standard deviation "
+        "multiplied (noiseF)",
     )
     ap.add_argument("--model", default=None, help="network weights (default: the shipped ones)")
     ap.add_argument(
