@@ -119,20 +119,32 @@ class MarkerThreshold:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def _robust_negative(logs: np.ndarray, lowest: bool) -> tuple[float, float]:
+def _robust_negative(
+    logs: np.ndarray, lowest: bool, values: np.ndarray | None = None, unit: float = 1.0
+) -> tuple[float, float]:
     """Centre and robust SD of the negative population of `logs` (natural log intensities):
     the main population of all nuclei (`lowest` False: Ki67, most nuclei are negative) or the
     lowest one (HER2, whose positives can be most of the tissue).
 
     The spread comes from the lower flank next to the centre (a quarter of the values below
     it lie within 0.32 SD of a normal centre): positives lie above, and partial or dim nuclei
-    make a long tail below that should not widen it.
+    make a long tail below that should not widen it. Given the linear `values` (``logs`` is
+    ``log(max(values, 0) + unit)``), the same flank is also measured on them and carried to
+    log scale at the centre: where the negatives sit at the noise around zero (near-zero
+    autofluorescence), half of them are clipped to one log value and the log flank alone
+    collapses; the larger of the two spreads is kept.
     """
     from .tissue import _mode
 
     centre = _mode(logs, lowest=lowest)
     below = centre - logs[logs <= centre]
     sd = float(np.quantile(below, 0.25)) / 0.3186 if below.size >= 20 else float(np.std(logs))
+    if values is not None:
+        lin_centre = float(np.exp(centre) - unit)
+        lin_below = lin_centre - values[values <= lin_centre]
+        if lin_below.size >= 20:
+            sd_lin = float(np.quantile(lin_below, 0.25)) / 0.3186
+            sd = max(sd, sd_lin / (lin_centre + unit))
     return centre, max(sd, 0.05)
 
 
@@ -188,7 +200,7 @@ def calibrate_threshold(
         raise ValueError(f"{marker}: {v.size} nuclei measured; at least 20 are needed")
     unit = float(unit) if unit and unit > 0 else 1.0
     logs = np.log(np.maximum(v, 0.0) + unit)
-    mu0, sd0 = _robust_negative(logs, lowest=not positives)
+    mu0, sd0 = _robust_negative(logs, lowest=not positives, values=v, unit=unit)
     floor = mu0 + NEGATIVE_SDS * sd0
     above = logs[logs > floor]
     fit = None

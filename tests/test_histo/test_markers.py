@@ -310,3 +310,16 @@ def test_rethreshold_of_a_folder_without_results_says_so(tmp_path):
     r = _lungmets("rethreshold", tmp_path, "--ki67-threshold", "auto", cwd=tmp_path)
     assert r.returncode != 0
     assert "no results found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_negatives_at_the_noise_around_zero_do_not_collapse_the_threshold():
+    """Near-zero autofluorescence: Ki67-negative nuclei measure camera noise around 0 (half of
+    them below it, clipped to one log value), positives hundreds of counts."""
+    rng = np.random.default_rng(3)
+    negatives = rng.normal(0.0, 1.0, 2400)  # counts above the offset
+    positives = rng.lognormal(np.log(450), 0.35, 230)
+    cells = np.r_[rng.normal(0.0, 1.0, 160), rng.lognormal(np.log(450), 0.35, 230)]
+    t = calibrate_threshold(np.r_[negatives, positives, cells], cells=cells, unit=1.0)
+    # Above the noise (3 SD = 3 counts) and below the dimmest positives.
+    assert 3.0 < t.threshold < np.quantile(positives, 0.001)
+    assert np.mean(cells >= t.threshold) == pytest.approx(230 / 390, abs=0.005)
