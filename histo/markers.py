@@ -39,6 +39,13 @@ MIN_SDS_WITH_POSITIVES = 2.0
 #: Two populations of the cancer cells count as such from this Ashman's D (2: just apart).
 BIMODAL_D = 2.5
 
+#: Where the cancer cells show two populations, their crossing may come down to this many of
+#: the lower one's SDs above its centre: with Ashman's D at least `BIMODAL_D` the two are apart,
+#: and a wide negative population (dim nuclei of a packed focus) must not push the threshold
+#: past its own crossing into the positives (2 SD did on bench_markers' 4x-autofluorescence
+#: section: 480 counts where negatives end at 355 and positives start at 364).
+CELLS_MIN_SDS = 1.5
+
 #: A positive population needs at least this share of the nuclei (and 10 nuclei) to be fitted.
 MIN_POSITIVE_SHARE = 0.005
 
@@ -220,7 +227,7 @@ def calibrate_threshold(
         split = _bimodal(np.log(np.maximum(own, 0.0) + unit)) if own.size >= 20 else None
         if split is not None and split[0][0] <= mu0 + NEGATIVE_SDS * sd0:
             (a0, b0), (a1, b1) = split
-            t = float(np.clip(_equal_density(a0, b0, a1, b1), a0 + 2 * b0, a1))
+            t = float(np.clip(_equal_density(a0, b0, a1, b1), a0 + CELLS_MIN_SDS * b0, a1))
             method, pos_median = "two populations of the cells", float(np.exp(a1) - unit)
     return MarkerThreshold(
         marker=marker,
