@@ -122,7 +122,9 @@ def screen_mask(
     4. the kept nuclei, grown by `screen_margin_um`.
 
     HER2 is in units of its autofluorescence unless the host nuclei's bands show that level to
-    be far too high (`HOST_BAND_MULTIPLE`): then in units of those bands.
+    be far too high (`HOST_BAND_MULTIPLE`): then in units of those bands. Whatever the
+    autofluorescence, a nucleus whose band holds `HOST_BAND_KEEP` times the host bands' HER2 is
+    kept too, and so is an object of merged nuclei (`MERGED_NUCLEI`) whose inside does.
 
     Thresholds sit well below every cancer cell of the tuning slides (the dimmest are about
     1.5x autofluorescence); on held-out slides the screen keeps the dense pass's lesions
@@ -158,22 +160,20 @@ def screen_mask(
     coverage = band_mean(her2 > 1.3)
     keep = (her2_band > config.screen_her2_ratio) | (coverage > config.screen_her2_coverage)
     keep |= her2_band > HOST_BAND_KEEP * host
+    flat = labels.ravel()
+    size = np.bincount(flat, minlength=n + 1)
+
+    def object_mean(values):
+        return np.bincount(flat, weights=values.ravel(), minlength=n + 1) / np.maximum(size, 1)
+
     # Nuclei of a packed focus merge into one object: its HER2 lies between them, inside it.
-    flat_labels = labels.ravel()
-    size = np.bincount(flat_labels, minlength=n + 1)
     merged = size > MERGED_NUCLEI * np.median(size[1:])
     if merged.any():
-        inner = np.bincount(flat_labels, weights=her2.ravel(), minlength=n + 1) / np.maximum(
-            size, 1
-        )
-        keep |= merged & (inner > HOST_BAND_KEEP * host)
+        keep |= merged & (object_mean(her2) > HOST_BAND_KEEP * host)
     if x[3].max() > 0:  # Ki67 imaged
         ki67 = ndi.uniform_filter(ratio[2], smooth)
         ki67_band = band_mean(ki67)
-        flat = labels.ravel()
-        ki67_nucleus = np.bincount(flat, weights=ki67.ravel(), minlength=n + 1) / np.maximum(
-            np.bincount(flat, minlength=n + 1), 1
-        )
+        ki67_nucleus = object_mean(ki67)
         keep &= ~(
             (ki67_band > MACROPHAGE_KI67_RATIO)
             & (ki67_band > config.screen_autofluorescence_ratio * her2_band)
