@@ -666,7 +666,7 @@ def _run_threaded(args, chunks, config, stain, threads, cancel: threading.Event)
     return list(parts)
 
 
-def _run_distributed(args, chunks, config, stain, *, workers=None, address=None, cancel=None):
+def _run_distributed(args, chunks, config, stain, *, cancel, workers=None, address=None):
     """A dask.distributed cluster: an existing one, or a LocalCluster of processes. Chunks not
     yet finished are cancelled on the cluster when `cancel` is set or the generator closed."""
     from distributed import Client, LocalCluster, wait
@@ -687,8 +687,7 @@ def _run_distributed(args, chunks, config, stain, *, workers=None, address=None,
         pending = set(futures)
         done = 0
         while pending:
-            if cancel is not None:
-                _raise_if_cancelled(cancel)
+            _raise_if_cancelled(cancel)
             try:
                 finished, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
             except TimeoutError:
