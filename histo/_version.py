@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 #: not of speed): part of every run key, so finished results of an older revision are analysed
 #: again, and ``lungmets rethreshold`` does not pass them off as current. 2: Ki67 taken out of
 #: HER2's bleed-through (2026-12-02). 3: detected cells whose HER2 autofluorescence explains are
-#: left out (`histo.markers.her2_over_autofluorescence`).
-ANALYSIS_REVISION = 3
+#: left out (`histo.markers.her2_over_autofluorescence`). 4: nuclear rims left out of the
+#: reference levels' spectral guard (`histo.tissue.RIM_DAPI`).
+ANALYSIS_REVISION = 4

@@ -220,12 +220,20 @@ def stain_levels(
     # in walls, interstitium and airspace, and a positive cell only raises that ratio. The
     # lowest population of the ratio is therefore the autofluorescence's own, and times the
     # DAPI channel's level it gives the marker's reference where the median is far above it.
+    # Pixels whose DAPI stands above the walls' own (more than RIM_DAPI times it) are the rims
+    # of nuclei, DAPI blurred out of them: there DAPI, not the marker, sets the ratio, and
+    # where nuclei are bright their rims make a population of the ratio below the
+    # autofluorescence's own (a membrane-only HER2 slide: the reference fell 6x, every
+    # ordinary nucleus looked HER2+). They are left out where enough pixels remain.
     for i in range(c):
         both = lit[i] & lit[dapi]
         if i == dapi or both.sum() < 200:
             continue
         v_i = np.maximum(pix[i][not_nuclear][both], floors[i])
         v_d = np.maximum(pix[dapi][not_nuclear][both], floors[dapi])
+        walls_only = v_d <= RIM_DAPI * af[dapi]
+        if walls_only.sum() >= 200:
+            v_i, v_d = v_i[walls_only], v_d[walls_only]
         spectral = np.exp(_mode(np.log(v_i / v_d))) * af[dapi]
         if af[i] > SPECTRAL_GUARD * spectral:
             af[i] = max(float(spectral), floors[i])
@@ -244,6 +252,10 @@ def _lit(lv: np.ndarray) -> np.ndarray:
     """The brighter class of an Otsu split of log intensities (all True when flat)."""
     return lv > threshold_otsu(lv) if np.ptp(lv) > 0 else np.ones(lv.shape, bool)
 
+
+#: Tissue pixels with DAPI more than this many times the walls' autofluorescence are nuclear
+#: rims, left out of the spectral guard's ratio (see `stain_levels`).
+RIM_DAPI = 2.0
 
 #: A marker's median over lit tissue this far above its autofluorescence-ratio level means
 #: positive cells dominate it (see `stain_levels`).

@@ -447,7 +447,11 @@ def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
             if k in TrainConfig.__dataclass_fields__
         }
     )
-    return save_model(loaded.net, dst, train_config=train_config, extra=keep)
+    dst = save_model(loaded.net, dst, train_config=train_config, extra=keep)
+    if calibrate_on:
+        # At the operating point just chosen, with the code of the day.
+        _record(dst, validation=validate_model(dst, calibrate_on))
+    return dst
 
 
 def calibrate_centre_threshold(
@@ -498,6 +502,91 @@ def calibrate_centre_threshold(
         "f1_per_slide": per,
         "slides": [Path(p).name for p in slides],
     }
+
+
+def validate_model(model_path, slides, methods=("unet", "classical")) -> dict:
+    """The model's accuracy on validation slides, and the classical detector's beside it.
+
+    Runs the real analysis (`histo.analyze_slide`, default settings) on `slides` (with truth,
+    never trained on) and pools over them: HER2+ cell F1 (matched within 5 um), the relative
+    error of the HER2+ count, and lesion F1 by class (strict: a match needs the same class)
+    and over all lesions. This is the ``validation`` block of a model's JSON: `run_training`
+    and `publish_model` write it, `revalidate` recomputes it with the code of the day.
+
+    Returns
+    -------
+    dict
+        ``{method: {"cells_f1", "count_error", "lesions_single_f1", "lesions_cluster_f1",
+        "lesions_focus_f1", "lesions_all_f1"}, "slides": [names]}``
+    """
+    from histo.config import AnalysisConfig
+    from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
+    from histo.pipeline import analyze_slide
+    from histo.synthetic import load_truth
+
+    def f1(tp, n_pred, n_truth):
+        return 2 * tp / (n_pred + n_truth) if n_pred + n_truth else 1.0
+
+    truths = [load_truth(p) for p in slides]
+    out: dict = {}
+    for method in methods:
+        cell = np.zeros(3)
+        les = {c: np.zeros(3) for c in (*CLASSES, "all")}
+        for path, truth in zip(slides, truths, strict=True):
+            config = AnalysisConfig(method=method, model_path=str(model_path))
+            result = analyze_slide(path, config)
+            ce = evaluate_cells(result.cells, truth.cells)
+            cell += (ce["tp"], ce["n_pred"], ce["n_truth"])
+            le = evaluate_lesions(result.lesions, truth.lesions)
+            for c in les:
+                les[c] += le.loc[c, ["tp", "n_pred", "n_truth"]].to_numpy(float)
+        out[method] = {
+            "cells_f1": round(f1(*cell), 4),
+            "count_error": round((cell[1] - cell[2]) / max(cell[2], 1), 4),
+            **{f"lesions_{c}_f1": round(f1(*v), 4) for c, v in les.items()},
+        }
+    out["slides"] = [Path(p).name for p in slides]
+    return out
+
+
+def _record(model_path, **fields) -> None:
+    """Add `fields` to the JSON beside `model_path` (atomically; the tensors are untouched)."""
+    import json
+
+    from histo.atomic import write_json
+
+    path = Path(model_path).with_suffix(".json")
+    write_json({**json.loads(path.read_text()), **fields}, path)
+
+
+def revalidate(model_path, data_dir) -> dict:
+    """Recompute a model's ``validation`` block with today's code, on its own validation slides.
+
+    The slides are generated again into `data_dir` from the recipe in the model's JSON (the
+    same seeds, size and appearance families, so the same names as its
+    ``validation_slides``), and `validate_model` runs on them.
+    """
+    import json
+
+    cfg = json.loads(Path(model_path).with_suffix(".json").read_text())
+    tr = cfg["training"]
+    seeds = range(5000, 5000 + int(tr["n_val_slides"]))
+    paths = make_slides(
+        data_dir,
+        seeds,
+        int(tr["slide_size_px"]),
+        families=bool(tr.get("families", False)),
+        exclude_families=tuple(tr.get("exclude_families", ())),
+    )
+    names = [p.name for p in paths]
+    if names != cfg.get("validation_slides", names):
+        raise ValueError(
+            f"{model_path}: its validation slides {cfg['validation_slides']} are not what its "
+            f"recipe generates today ({names})"
+        )
+    validation = validate_model(model_path, paths)
+    _record(model_path, validation=validation)
+    return validation
 
 
 def golden_case() -> dict:
@@ -606,7 +695,12 @@ def run_training(
         "parent_sha256": loaded.sha256 if init_model else None,
         "torch_version": torch.__version__,
     }
-    return save_model(model, out, train_config=config, extra=extra)
+    out = save_model(model, out, train_config=config, extra=extra)
+    if va_paths:
+        if progress is not None:
+            progress(config.steps, config.steps, "validating")
+        _record(out, validation=validate_model(out, va_paths))
+    return out
 
 
 def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipped weights

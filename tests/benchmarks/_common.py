@@ -42,11 +42,21 @@ def machine_line() -> str:
     )
 
 
+#: Environment variable naming the file the benchmarks write into instead of BENCHMARKS.md
+#: (``run_all.py --quick`` points it at a copy, so quick figures never replace published ones).
+BENCHMARKS_ENV = "LUNGMETS_BENCHMARKS_MD"
+
+
+def benchmarks_path() -> Path:
+    """The file `write_section` writes: ``$LUNGMETS_BENCHMARKS_MD``, else BENCHMARKS.md."""
+    return Path(os.environ.get(BENCHMARKS_ENV) or ROOT / "BENCHMARKS.md")
+
+
 def write_section(key: str, title: str, lines: list[str]) -> str:
     """Put `lines` into BENCHMARKS.md between the markers of `key` (a new section if absent)."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     table = "\n".join([start, *lines, end])
-    path = ROOT / "BENCHMARKS.md"
+    path = benchmarks_path()
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text:
         text = text[: text.index(start)] + table + text[text.index(end) + len(end) :]

@@ -144,7 +144,11 @@ def main() -> None:
         f"Command: `python3 tests/benchmarks/bench_accuracy.py --size {args.size} "
         f"--methods {args.methods} --perturb {args.perturb}"
         + (f" --model {args.model}" if args.model else "")
-        + (" --sample-data`; the two bundled sample slides." if args.sample_data else " --write`; ")
+        + (
+            " --sample-data --write`; the two bundled sample slides."
+            if args.sample_data
+            else " --write`; "
+        )
         + (
             ""
             if args.sample_data
@@ -161,7 +165,9 @@ def main() -> None:
         ),
     ]
     print("\n".join(lines))
-    if args.write and not args.sample_data:
+    if args.write and args.sample_data:
+        write_section("bench_accuracy_sample", "Detector accuracy on the sample data", lines)
+    elif args.write:
         write_section("bench_accuracy", "Detector accuracy", lines)
 
 

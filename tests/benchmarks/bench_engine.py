@@ -82,7 +82,8 @@ def main() -> None:
             print(size, dec, run, naive, flush=True)
     lines = [
         machine_line(),
-        "Command: `python3 tests/benchmarks/bench_engine.py --write` (generated infected lungs,"
+        f"Command: `python3 tests/benchmarks/bench_engine.py --sizes {args.sizes} --write` "
+        "(generated infected lungs,"
         " classical detector, default chunks of 2048 px, threaded scheduler).",
         "",
         "| slide (px) | decode level 0 once: s / peak GB | `lungmets run`: s / peak GB "

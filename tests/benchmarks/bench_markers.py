@@ -80,8 +80,17 @@ def score(pairs) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("/tmp/lungmets_markers"))
+    ap.add_argument(
+        "--size",
+        default="x".join(map(str, SIZE_PX)),
+        help="section size in pixels at 0.5 um/px (WxH; the published table: 2048x2048)",
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    size_px = tuple(int(v) for v in args.size.split("x"))
+    # Slides of another size are other slides: keep them apart in the data folder.
+    if size_px != SIZE_PX:
+        args.data = args.data / args.size
     args.data.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, (name, (fields, sections)) in enumerate(STYLES.items()):
@@ -91,7 +100,7 @@ def main() -> None:
             if not path.exists():
                 generate_slide(
                     path,
-                    size_px=SIZE_PX,
+                    size_px=size_px,
                     group=group,
                     dpi=dpi,
                     seed=SEED + 2 * k + j,
@@ -119,8 +128,9 @@ def main() -> None:
             print(_row(s), flush=True)
     lines = [
         machine_line(),
-        "Command: `python3 tests/benchmarks/bench_markers.py --write`. Two sections per style "
-        f"(seeds {SEED}+, {SIZE_PX[0] // 2} x {SIZE_PX[1] // 2} um), the shipped network; "
+        f"Command: `python3 tests/benchmarks/bench_markers.py --size {args.size} --write`. Two "
+        f"sections per style (seeds {SEED}+, {size_px[0] // 2} x {size_px[1] // 2} um), the "
+        "shipped network; "
         "'detector': its own Ki67 output, 'auto': the slide-calibrated threshold (default).",
         "",
         "| Ki67 style | call | Ki67 status accuracy | dormant found / true | Ki67+ fraction "

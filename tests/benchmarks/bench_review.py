@@ -2,15 +2,17 @@
 
 Run on demand (never in CI), on a machine with Xvfb::
 
-    xvfb-run -a python3 tests/benchmarks/bench_review.py [--lesions 10000] [--slide S] [--write]
+    xvfb-run -a python3 tests/benchmarks/bench_review.py [--lesions 10000]
+        [--slide S | --slide-size 16384x12288] [--write]
 
 A result folder with N lesions (and their cells) spread over a 30 x 30 mm section is written,
 opened with the plugin's result reader in a real viewer with the Review widget docked, and
 these are timed, each repeated on 50 lesions: selecting a lesion (row selected, viewer centred
 and zoomed, point selected), changing its class (journal appended and synced to disk, layer
 colours, table row and counts updated), rejecting it, and undo. Also the time to open the folder,
-and with ``--slide``, the time the plugin's reader takes to open a whole slide (lazy multiscale
-layers), to draw it first, and to pan (camera moved, window redrawn).
+and with ``--slide`` (or ``--slide-size WxH``: an infected lung of that size generated first,
+seed 5), the time the plugin's reader takes to open a whole slide (lazy multiscale layers), to
+draw it first, and to pan (camera moved, window redrawn).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, write_section  # noqa: E402
+from _common import machine_line, synth_slide, write_section  # noqa: E402
 
 
 def write_results(folder: Path, n: int, seed: int = 0) -> None:
@@ -127,8 +129,12 @@ def main() -> None:
     ap.add_argument("--lesions", type=int, default=10000)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--slide", type=Path, default=None)
+    ap.add_argument("--slide-size", default=None, help="generate the slide: WxH pixels")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    slide_tmp = tempfile.TemporaryDirectory()
+    if args.slide is None and args.slide_size:
+        args.slide = synth_slide(Path(slide_tmp.name) / "slide.ome.tif", args.slide_size, seed=5)
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -166,6 +172,7 @@ def main() -> None:
         viewer.close()
 
     slide_lines = [] if args.slide is None else open_slide_times(args.slide)
+    slide_tmp.cleanup()
     lines = [
         machine_line(),
         "Command: `xvfb-run -a python3 tests/benchmarks/bench_review.py "

@@ -74,7 +74,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     lines = [
         machine_line(),
-        "Command: `python3 tests/benchmarks/bench_synth.py --write`"
+        f"Command: `python3 tests/benchmarks/bench_synth.py --sizes {args.sizes} --write`"
         " (infected lung, dpi 15, seed 1).",
         "",
         "| size (px) | label masks | wall time (s) | peak memory (GB) | file (MB) "

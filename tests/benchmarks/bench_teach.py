@@ -186,7 +186,7 @@ def main() -> None:
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_teach.py --write --family {args.family}"
         f"{' --no-regions' if args.no_regions else ''} --budgets "
-        f"{' '.join(map(str, args.budgets))}`. "
+        f"{' '.join(map(str, args.budgets))} --steps {args.steps}`. "
         f"Style: {args.family} {family}; fine-tuned on the simulated reviews of 2 sections "
         f"{TRAIN}, {args.steps} steps; scored on 4 other sections {TEST} and 2 of the house "
         f"style {HOUSE}, (seed, group, dpi), {SIZE_PX[0] // 2} x {SIZE_PX[1] // 2} um each.",

@@ -238,6 +238,27 @@ def test_reference_levels_hold_where_airspace_holds_a_faint_haze(tmp_path):
         assert truth / 1.3 < stain.autofluorescence[i] < truth * 1.3, (name, stain)
 
 
+def test_nuclear_rims_do_not_pull_the_reference_down(tmp_path):
+    """A membrane-only HER2 section with bright nuclei (bench_generalisation's membrane case,
+    its 6th section): the rims of nuclei, DAPI blurred out of them into the tissue between,
+    made a population of the HER2/DAPI ratio below the autofluorescence's own, the spectral
+    guard took it (reference 28 counts where the walls hold 176), and the network called 98
+    ordinary nuclei HER2+. Without the rims the reference is the walls' (`RIM_DAPI`)."""
+    s = generate_slide(
+        tmp_path / "rims.ome.tif",
+        size_px=(2048, 1536),
+        group="IAV",
+        dpi=12,
+        seed=92035,
+        appearance=Appearance(her2_pattern="membrane"),
+        labels=False,
+    )
+    _, _, stain = measure_background(open_slide(s.path), AnalysisConfig())
+    meta = s.meta["stain"]
+    truth = meta["autofluorescence"]["HER2"] * meta["gain"]["HER2"]
+    assert truth / 1.25 < stain.autofluorescence[1] < truth * 1.25, (truth, stain)
+
+
 def _nucleus_dapi(s) -> float:
     from histo.synthetic import SlideSpec, build_scene
 

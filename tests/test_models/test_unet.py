@@ -431,6 +431,8 @@ def test_fine_tuning_on_annotated_slides_from_the_cli(tmp_path):
     import sys
 
     generate_slide(tmp_path / "mine.ome.tif", size_px=(768, 768), group="IAV", dpi=15, seed=3)
+    # The first of the slides given is kept for validation (a fifth of them, at least one).
+    val = generate_slide(tmp_path / "val.ome.tif", size_px=(768, 512), group="IAV", dpi=15, seed=4)
     out = tmp_path / "tuned.pt"
     proc = subprocess.run(
         [
@@ -440,6 +442,7 @@ def test_fine_tuning_on_annotated_slides_from_the_cli(tmp_path):
             "train",
             str(out),
             "--slides",
+            str(val.path),
             str(tmp_path / "mine.ome.tif"),
             "--from-model",
             str(DEFAULT_MODEL),
@@ -456,6 +459,13 @@ def test_fine_tuning_on_annotated_slides_from_the_cli(tmp_path):
     assert cfg["fine_tuned_from"] == str(DEFAULT_MODEL)
     assert cfg["training_slides"] == ["mine.ome.tif"]
     assert cfg["training"]["steps"] == 3
+    # Its validation is computed by the training code, on the slide it did not train on.
+    assert cfg["validation_slides"] == cfg["validation"]["slides"] == ["val.ome.tif"]
+    r = analyze_slide(val.path, AnalysisConfig(model_path=str(out)))
+    tp = evaluate_cells(r.cells, val.cells)["tp"]
+    f1 = 2 * tp / (len(r.cells) + len(val.cells))
+    assert cfg["validation"]["unet"]["cells_f1"] == round(f1, 4)
+    assert set(cfg["validation"]) == {"unet", "classical", "slides"}
     # Fine-tuning started from the shipped weights: a few steps move them only a little.
     base = load_model()
     a = dict(base.net.state_dict())["head.weight"]
