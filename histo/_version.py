@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 #: again, and ``lungmets rethreshold`` does not pass them off as current. 2: Ki67 taken out of
 #: HER2's bleed-through (2026-12-02). 3: detected cells whose HER2 autofluorescence explains are
 #: left out (`histo.markers.her2_over_autofluorescence`). 4: nuclear rims left out of the
-#: reference levels' spectral guard (`histo.tissue.RIM_DAPI`).
-ANALYSIS_REVISION = 4
+#: reference levels' spectral guard (`histo.tissue.RIM_DAPI`). 5: a HER2 reference far above
+#: the ordinary nuclei's own HER2 is brought down to it (`histo.tissue.HOST_NUCLEI_MULTIPLE`).
+ANALYSIS_REVISION = 5

@@ -212,7 +212,14 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
         # (block means of ds x ds pixels have 1/ds of the noise of single pixels).
         noise_low = np.array([glass_level(ch, quantum=0)[1] for ch in low.astype(np.float32)])
         unit = noise_low * (ds / fds) / 2.5
-    stain = stain_levels(windows, offset, slide.roles["DAPI"], unit=unit)
+    her2 = slide.roles.get("HER2")
+    stain = stain_levels(
+        windows,
+        offset,
+        slide.roles["DAPI"],
+        unit=unit,
+        negative_in_nuclei=() if her2 is None else (her2,),
+    )
     return mask, mask_px, stain
 
 

@@ -154,6 +154,7 @@ def stain_levels(
     dapi: int,
     *,
     unit: np.ndarray | None = None,
+    negative_in_nuclei: tuple[int, ...] = (),
 ) -> StainLevels:
     """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
 
@@ -176,6 +177,10 @@ def stain_levels(
     unit : ndarray, shape (C,), optional
         For float data: the intensity that plays the role of one camera count (about half
         the glass noise), below which differences are noise. Integer data use 1.
+    negative_in_nuclei : tuple of int
+        Channels whose marker the tissue's ordinary nuclei do not carry (HER2): their
+        reference is at most `HOST_NUCLEI_MULTIPLE` times the nuclei's own level (the lowest
+        mode over bright nuclear pixels), which autofluorescence reaches too.
 
     Returns
     -------
@@ -237,6 +242,17 @@ def stain_levels(
         spectral = np.exp(_mode(np.log(v_i / v_d))) * af[dapi]
         if af[i] > SPECTRAL_GUARD * spectral:
             af[i] = max(float(spectral), floors[i])
+    # Where autofluorescence is near zero, the walls are lost in the noise and every estimate
+    # above finds the marker's own positive cells (or DAPI's the rims of nuclei): a HER2
+    # reference 40-160x the drawn autofluorescence. The ordinary nuclei stay HER2-negative
+    # and hold the autofluorescence too (0.5-1.5x it wherever it was measured right): a
+    # reference far above their level is the marker itself, and their level is the reference.
+    cores = d >= 0.5 * nuclear_dapi
+    if cores.sum() >= 200:
+        for i in negative_in_nuclei:
+            host = float(np.expm1(_mode(_log_units(pix[i][cores], floors[i]))) * floors[i])
+            if af[i] > HOST_NUCLEI_MULTIPLE * max(host, floors[i]):
+                af[i] = max(host, floors[i])
     nuc = [float(np.percentile(pix[i], 99.0)) for i in range(c)]
     return StainLevels(
         offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)
@@ -252,6 +268,10 @@ def _lit(lv: np.ndarray) -> np.ndarray:
     """The brighter class of an Otsu split of log intensities (all True when flat)."""
     return lv > threshold_otsu(lv) if np.ptp(lv) > 0 else np.ones(lv.shape, bool)
 
+
+#: A HER2 reference more than this many times the ordinary nuclei's own HER2 is the marker
+#: itself (see `stain_levels`); the nuclei's level is taken instead.
+HOST_NUCLEI_MULTIPLE = 10.0
 
 #: Tissue pixels with DAPI more than this many times the walls' autofluorescence are nuclear
 #: rims, left out of the spectral guard's ratio (see `stain_levels`).

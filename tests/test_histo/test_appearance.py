@@ -259,6 +259,26 @@ def test_nuclear_rims_do_not_pull_the_reference_down(tmp_path):
     assert truth / 1.25 < stain.autofluorescence[1] < truth * 1.25, (truth, stain)
 
 
+def test_near_zero_autofluorescence_gives_the_reference_of_the_nuclei(tmp_path):
+    """Autofluorescence at 0.05x (bench_generalisation's case, its first section): the walls
+    are lost in the noise, so every wall estimate found the cancer cells themselves (a HER2
+    reference of 2582 counts where 16 were drawn). The ordinary nuclei stay HER2-negative and
+    hold the autofluorescence: their level is the reference (`HOST_NUCLEI_MULTIPLE`)."""
+    s = generate_slide(
+        tmp_path / "dark.ome.tif",
+        size_px=(2048, 1536),
+        group="IAV",
+        dpi=15,
+        seed=91020,
+        appearance=Appearance(autofluorescence=0.05),
+        labels=False,
+    )
+    _, _, stain = measure_background(open_slide(s.path), AnalysisConfig())
+    meta = s.meta["stain"]
+    truth = meta["autofluorescence"]["HER2"] * meta["gain"]["HER2"]
+    assert truth / 1.6 < stain.autofluorescence[1] < truth * 1.6, (truth, stain)
+
+
 def _nucleus_dapi(s) -> float:
     from histo.synthetic import SlideSpec, build_scene
 
