@@ -396,6 +396,16 @@ def q_v1_validation(f: Figures) -> str:
     return _validation_table(f.v1["validation"])
 
 
+def q_cohort(f: Figures) -> str:
+    r = f.row("bench_ci_accuracy", "test_cohort study", index=1)
+    return (
+        f"the largest error of a mouse's HER2+ cell count is "
+        f"{_num(r['largest count error']):.1%} (median {_num(r['median count error']):.1%}), "
+        f"of its tissue area {_num(r['largest area error']):.1%}, and the infected/control "
+        f"fold change at 15 dpi is within {_num(r['fold change error']):.1%} of the true one"
+    )
+
+
 def q_teach(f: Figures) -> str:
     regions = f.table("bench_teach")
     points = f.table("bench_teach_points")
@@ -466,6 +476,7 @@ QUOTES = {
     "card_house_single": q_card_house_single,
     "card_liver": q_card_liver,
     "card_validation": q_card_validation,
+    "cohort": q_cohort,
     "v1_validation": q_v1_validation,
 }
 
