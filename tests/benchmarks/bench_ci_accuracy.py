@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "test_models"))
-from _common import machine_line, write_section  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "test_histo"))
+from _common import machine_line, write_section  # noqa: E402
 from test_cohort import make_study, study_figures  # noqa: E402
 from test_unet import HELD_OUT_SPEC, NO_KI67_SPEC, accuracy_figures  # noqa: E402
 
