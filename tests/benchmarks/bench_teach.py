@@ -175,9 +175,12 @@ def main() -> None:
             for f in folders
             for x0, y0, x1, y1 in ReviewSession(f).complete_regions
         )
+        # A section whose review made no correction (and marked no region) has no journal:
+        # nothing to learn from it, as when a scientist skips a slide.
+        reviewed = [f for f in folders if (f / JOURNAL).exists()]
         t0 = time.perf_counter()
         model = data / f"taught_{tag}{budget}.pt"
-        teach(model, folders, steps=args.steps, data_dir=args.data / "house_training")
+        teach(model, reviewed, steps=args.steps, data_dir=args.data / "house_training")
         secs = time.perf_counter() - t0
         row = {"corrections": made, "area_mm2": area / 1e6, "seconds": secs, **score(model, test)}
         rows.append({**row, "house": score(model, house)})

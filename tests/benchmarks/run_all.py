@@ -12,13 +12,14 @@ model card (``<!-- figure:KEY -->...<!-- /figure:KEY -->``) are rewritten from w
 benchmarks wrote into BENCHMARKS.md and from the shipped model's JSON (`QUOTES`): the README
 quotes no figure that a script does not write (``tests/test_figures.py`` checks it).
 
-The full run rewrites BENCHMARKS.md, README.md and the model cards (models/weights/) in place (hours
-on 2 CPU cores). ``--quick`` runs every benchmark on smaller inputs (about 15 minutes here) and
-writes into copies of the three files in ``--out`` (default /tmp/lungmets_figures_quick), so
-that quick figures never replace published ones: it checks that every script still runs and
-writes what the quotes read. Benchmarks that need data from outside (real images, see their
-docstrings) run only when ``--real-data DIR`` names it; the napari one only under a display
-(``xvfb-run -a`` is used when there is none and it is installed).
+The full run rewrites BENCHMARKS.md, README.md and the model cards (models/weights/) in place
+(hours on 2 CPU cores). ``--quick`` runs every benchmark on smaller inputs (9.5 minutes on 2
+cores, 2026-12-03) and writes into copies of those files in ``--out`` (default
+/tmp/lungmets_figures_quick), so that quick figures never replace published ones: it checks
+that every script still runs and writes what the quotes read. Benchmarks that need data from
+outside (real images, see their docstrings) run only when ``--real-data DIR`` names it; the
+napari one only under a display (``xvfb-run -a`` is used when there is none and it is
+installed).
 """
 
 from __future__ import annotations

@@ -485,8 +485,9 @@ def test_a_lung_without_cancer_cells_gives_empty_tables(tmp_path, method):
     )
     assert len(s.cells) == 0
     r = analyze_slide(s.path, AnalysisConfig(method=method, device="cpu"))
-    assert len(r.lesions) <= 1  # at most a stray false positive
-    assert r.summary["counts"]["her2_cells"] == len(r.cells)
+    # Nothing is found (measured for both detectors; a stray false cell fails the test).
+    assert len(r.cells) == 0 and len(r.lesions) == 0
+    assert r.summary["counts"]["her2_cells"] == 0
     assert {"x_um", "y_um", "her2_mean", "ki67_pos"} <= set(r.cells.columns)
 
 

@@ -169,6 +169,24 @@ def test_current_view_only_analyses_the_visible_region(make_napari_viewer, qtbot
     viewer.scene.camera.center = (512 * px, 640 * px)
     viewer.scene.camera.zoom = 2 / px
     widget.view_check.setChecked(True)
+    from napari_plugin._analyze_widget import visible_region_px
+
+    y0, y1, x0, x1 = visible_region_px(viewer, layer)
     _run(qtbot, widget)
     folder = tmp_path / "out" / "current_view" / "lung_IAV_d15"
     assert (folder / "summary.json").is_file(), widget.status_label.text()
+    import json
+
+    from histo.synthetic import load_truth
+
+    # What was analysed is the region on the screen, and only it: every cell found lies in
+    # it, and the slide's cells outside it (the generator's truth) were not looked at.
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["input"]["region_px"] == [y0, y1, x0, x1]
+    cells = pd.read_csv(folder / "cells.csv")
+    um = 0.5  # the slide's pixel size
+    assert cells["x_um"].between(x0 * um, x1 * um).all()
+    assert cells["y_um"].between(y0 * um, y1 * um).all()
+    truth = load_truth(slide).cells
+    inside = truth["x_um"].between(x0 * um, x1 * um) & truth["y_um"].between(y0 * um, y1 * um)
+    assert (~inside).sum() > 0 and len(cells) < len(truth)
