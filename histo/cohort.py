@@ -331,6 +331,13 @@ def load_sections(
             row[k] = np.nan if v is None else float(v)
         for note in summary.get("fallbacks", []):
             warnings.append(f"{r.slide}: ran otherwise than asked: {note}")
+        missing = missing_summary_fields(summary)
+        if missing:
+            warnings.append(
+                f"{r.slide}: {summary_path} lacks {', '.join(missing)} (written by another "
+                "version of lungmets, or edited?); this section's provenance columns are "
+                "empty there (run the slide again)"
+            )
         row["tissue_area_mm2"] = float(summary.get("tissue_area_mm2", np.nan))
         if not np.isfinite(row["tissue_area_mm2"]) or row["tissue_area_mm2"] <= 0:
             warnings.append(
@@ -443,6 +450,25 @@ def threshold_warnings(sections: pd.DataFrame) -> list[str]:
             + "); set one with 'lungmets rethreshold RESULTS --ki67-threshold auto|COUNTS'"
         )
     return out
+
+
+#: What a summary.json must hold for the cohort's provenance columns (dotted paths); a
+#: network's run also its model's SHA-256 (see `missing_summary_fields`).
+PROVENANCE_FIELDS = ("method", "input.sha256", "software.lungmets", "parameters")
+
+
+def missing_summary_fields(summary: dict) -> list[str]:
+    """The provenance fields (`PROVENANCE_FIELDS`, and ``model.sha256`` for the network's
+    runs) that a slide's summary.json lacks or leaves empty."""
+
+    def get(path: str):
+        value = summary
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    wanted = [*PROVENANCE_FIELDS, *(["model.sha256"] if summary.get("method") == "unet" else [])]
+    return [f for f in wanted if get(f) in (None, "", {})]
 
 
 def parameters_sha256(parameters: dict) -> str:

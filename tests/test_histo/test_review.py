@@ -157,6 +157,34 @@ def test_corrections_follow_lesions_after_reanalysis(analysed, tmp_path):
     assert abs(rejected["x_um"].iloc[0] - xy[0]) < 5 and abs(rejected["y_um"].iloc[0] - xy[1]) < 5
 
 
+def test_a_summary_missing_fields_is_a_warning_of_the_cohort_naming_them(folder, tmp_path):
+    """Nothing missing goes unsaid: a summary.json without the tissue area or the provenance
+    fields gives a warning naming the file and the fields, in the CLI and the report."""
+    import subprocess
+    import sys
+
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["tissue_area_mm2"], summary["software"]
+    summary["input"].pop("sha256")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(f"slide,mouse,group,dpi,section\n{folder.name}.ome.tif,m1,IAV,15,1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "histo", "cohort", str(sheet), str(folder.parent),
+         "--out", str(tmp_path / "report"), "--bootstrap", "100"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    where = f"{folder / 'summary.json'}"
+    assert f"{where} lacks input.sha256, software.lungmets" in proc.stderr
+    assert f"{where} gives no tissue area" in proc.stderr
+    report = (tmp_path / "report" / "report.html").read_text()
+    assert "lacks input.sha256, software.lungmets" in report
+    mice = pd.read_csv(tmp_path / "report" / "mice.csv")
+    assert mice["her2_cells"].iloc[0] > 0
+    assert mice["her2_cells_per_mm2"].isna().all()  # no area: no density, not a guess
+
+
 def test_cohort_uses_reviewed_counts(folder, tmp_path):
     from histo.cohort import analyze_cohort
 
