@@ -157,7 +157,7 @@ BENCHES: list[Bench] = [
             "--methods",
             "",
             "--sections",
-            "3",
+            "6",
             "--cases",
             "membrane",
             "--data",
@@ -562,7 +562,9 @@ def main(argv=None) -> int:
     if args.list:
         for b in BENCHES:
             print(
-                f"{b.name:16} {b.script} {' '.join(b.full)}" + (f"  [{b.needs}]" if b.needs else "")
+                f"{b.name:16} {b.script} {' '.join(b.full)}"
+                + (f"  [{b.needs}]" if b.needs else "")
+                + (f"  ({b.note})" if b.note else "")
             )
         return 0
     if args.quick:
