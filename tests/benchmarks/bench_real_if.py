@@ -50,44 +50,24 @@ the nucleus grown by 2 um) pass an Otsu gate on log1p, computed on the raw count
 no tissue in them as they are; the ``stack`` step therefore also writes a fluorescence-like copy
 (Gaussian sigma 1 px, x10, +100 as a glass level): the ``*_if.ome.tif`` images scored below.
 
-Commands (repository root, venv active; ``fetch`` is the search tool's, giving bare snapshots
-under /work/.mirror)::
+Commands (repository root, venv active). ``fetch`` is the search tool's; it gives bare snapshots
+under /work/.mirror, from which ``prepare`` takes the files above at their commits::
 
-    B=tests/benchmarks/bench_real_if.py; D=/work/real_if_data; M=/work/.mirror
-    # --- simpleSeg DCIS (P = Point2203_pt1072_31606, then Point2206_pt1116_31620)
-    G=$M/SydneyBioX+simpleSeg/repo; C=48b82bb52403ef0f1fa6bcc8041ec33a0eaef09e
-    S=$D/simpleseg_dcis_mibi; mkdir -p $S/raw/$P
-    for ch in HH3 HER2 PanKRT ECAD Ki67; do
-      git --git-dir=$G show $C:inst/extdata/$P/$ch.tif > $S/raw/$P/$ch.tif; done
-    git --git-dir=$G show $C:tests/testthat/saved_masks.rds > $S/raw/saved_masks.rds
-    python $B rds-masks $S/raw/saved_masks.rds --out-dir $S \
-      --names Point2203_pt1072_31606,Point2206_pt1116_31620
-    R=$S/raw/$P; CH="HH3=$R/HH3.tif HER2=$R/HER2.tif PanKRT=$R/PanKRT.tif ECAD=$R/ECAD.tif"
-    python $B stack --out $S/$P.ome.tif --pixel-size-um 0.5 $CH Ki67=$R/Ki67.tif
-    python $B stack --out $S/${P}_if.ome.tif --pixel-size-um 0.5 --smooth-sigma-px 1 \
-      --scale 10 --offset 100 $CH Ki67=$R/Ki67.tif
-    python $B label-table --image $S/$P.ome.tif --labels $S/$P.mask.tif --pixel-size-um 0.5 \
-      --ring-um 2 --gate HER2 --gate PanKRT --gate ECAD --out $S/$P.cells.csv
-    python $B run --header --name dcis_2203 --image $S/${P}_if.ome.tif \
-      --channels DAPI=HH3,HER2=HER2 --pixel-size-um 0.5 --labels $S/$P.mask.tif \
-      --cell-table $S/$P.cells.csv --positive-column HER2_pos --method unet
-    #   ... --method classical; and --channels DAPI=HH3,HER2=PanKRT --positive-column PanKRT_pos
-    # --- ark fov8
-    G=$M/angelolab+ark-analysis/repo; C=3558771dd12ebe0d7c3b1b3b53bb20ece0af1e71
-    A=$D/ark_fov8_mibi; R=$A/raw; T=data/example_dataset/input_data/single_channel_inputs/fov8/TIFs
-    mkdir -p $R; for ch in HH3 HER2 PanKeratin ECadherin Ki67; do
-      git --git-dir=$G show $C:$T/$ch.tif > $R/$ch.tif; done
-    git --git-dir=$G show $C:data/example_dataset/deepcell_output/fov8_feature_0.tif \
-      > $R/fov8_feature_0.tif
-    CH="HH3=$R/HH3.tif HER2=$R/HER2.tif PanKeratin=$R/PanKeratin.tif ECadherin=$R/ECadherin.tif"
-    python $B stack --out $A/fov8.ome.tif --pixel-size-um 0.5 $CH Ki67=$R/Ki67.tif
-    python $B stack --out $A/fov8_if.ome.tif --pixel-size-um 0.5 --smooth-sigma-px 1 \
-      --scale 10 --offset 100 $CH Ki67=$R/Ki67.tif
-    python $B label-table --image $A/fov8.ome.tif --labels $R/fov8_feature_0.tif \
-      --gate HER2 --gate PanKeratin --gate ECadherin --out $A/cells.csv
-    python $B run --name ark_fov8 --image $A/fov8_if.ome.tif --channels DAPI=HH3,HER2=PanKeratin \
-      --pixel-size-um 0.5 --labels $R/fov8_feature_0.tif --cell-table $A/cells.csv \
-      --positive-column PanKeratin_pos --method unet
+    # fetch github:SydneyBioX/simpleSeg and github:angelolab/ark-analysis, then
+    python3 tests/benchmarks/bench_real_if.py prepare --data /work/real_if_data
+    python3 tests/benchmarks/bench_real_if.py table --data /work/real_if_data --write
+    # or, with every other benchmark: run_all.py --real-data /work (reads /work/real_if_data)
+
+``table`` scores each field x marker (HER2 and pan-cytokeratin in the HER2 role) with the shipped
+network (v2), v1 and the classical detector, and writes the section ``bench_real_if`` of
+BENCHMARKS.md. One row by hand, e.g. on your own data::
+
+    python3 tests/benchmarks/bench_real_if.py run --header --name dcis_2203 \
+      --image $D/simpleseg_dcis_mibi/Point2203_pt1072_31606_if.ome.tif \
+      --channels DAPI=HH3,HER2=HER2 --pixel-size-um 0.5 \
+      --labels $D/simpleseg_dcis_mibi/Point2203_pt1072_31606.mask.tif \
+      --cell-table $D/simpleseg_dcis_mibi/Point2203_pt1072_31606.cells.csv \
+      --positive-column HER2_pos --method unet
 
 Each run takes 2-6 s on one core (``--threads 1``, the default here).
 
@@ -265,69 +245,111 @@ HEADER = (
 )
 
 
-def cmd_run(args) -> None:
+def score(
+    image,
+    labels_path,
+    *,
+    channels: str | None,
+    pixel_size_um: float | None,
+    pos_ids: set | None = None,
+    neg_ids: set | None = None,
+    positive: argparse.Namespace | None = None,
+    method: str = "unet",
+    config: dict | None = None,
+    threads: int = 1,
+    match_um: float = 5.0,
+) -> dict:
+    """Run lungmets on `image` and score its cells against the labelled cells.
+
+    The marker+ cells are `pos_ids`/`neg_ids`, or come from `positive` (the run options
+    ``cell_table``, ``positive_column``, ... of `positive_ids`). Returns the row's figures
+    (``failed`` holds the error when lungmets refused the image).
+    """
     import histo
 
-    labels = read_labels(args.labels)
-    config = histo.AnalysisConfig(method=args.method, torch_threads=args.threads)
-    if args.config:
-        config = config.replace(**dict(_parse_kv(kv) for kv in args.config))
-    slide = histo.open_slide(args.image, channels=args.channels, pixel_size_um=args.pixel_size_um)
-    args.px = slide.pixel_size_um
-    shape = slide.shape_px
-    if tuple(labels.shape) != tuple(shape):
-        sys.exit(f"{args.labels}: label shape {labels.shape} != image shape {tuple(shape)}")
-    image_channels = None
-    if not args.cell_table:
-        names, lev0 = read_stack(args.image)
-        image_channels = dict(zip(names, lev0, strict=True))
-    pos_ids, neg_ids = positive_ids(args, labels, image_channels)
-    cents = cell_centroids(labels)
-    name = args.name or Path(args.image).name
-    her2_name = slide.channel_names[slide.roles["HER2"]]
-    if args.header:
-        print(HEADER)
+    labels = read_labels(labels_path)
+    cfg = histo.AnalysisConfig(method=method, torch_threads=threads)
+    if config:
+        cfg = cfg.replace(**config)
+    slide = histo.open_slide(image, channels=channels, pixel_size_um=pixel_size_um)
+    px = slide.pixel_size_um
+    if tuple(labels.shape) != tuple(slide.shape_px):
+        sys.exit(f"{labels_path}: label shape {labels.shape} != image shape {slide.shape_px}")
+    if pos_ids is None:
+        positive.px = px
+        image_channels = None
+        if not positive.cell_table:
+            names, lev0 = read_stack(image)
+            image_channels = dict(zip(names, lev0, strict=True))
+        pos_ids, neg_ids = positive_ids(positive, labels, image_channels)
+    row = {
+        "marker": slide.channel_names[slide.roles["HER2"]],
+        "method": method,
+        "labelled_pos": len(pos_ids),
+        "labelled_neg": len(neg_ids),
+        "failed": None,
+    }
     t0 = time.perf_counter()
     try:
         result = histo.analyze_slide(
-            args.image,
-            config,
-            channels=args.channels,
-            pixel_size_um=args.pixel_size_um,
-            threads=args.threads,
+            image, cfg, channels=channels, pixel_size_um=pixel_size_um, threads=threads
         )
-    except histo.InputError as err:  # e.g. no tissue found, pixel size the network refuses
-        print(
-            f"| {name} | {args.method} | {her2_name} | {len(pos_ids)} | {len(neg_ids)} "
-            f"| failed: {str(err).split(': ', 1)[-1][:90]} | | | | | | | |"
-        )
-        return
-    seconds = time.perf_counter() - t0
+    except histo.InputError as err:  # e.g. no tissue found
+        row["failed"] = str(err).split(": ", 1)[-1]
+        return row
+    row["seconds"] = time.perf_counter() - t0
     cells = result.cells
     det_rc = (
-        np.stack([cells["y_um"].to_numpy() / args.px, cells["x_um"].to_numpy() / args.px], axis=1)
+        np.stack([cells["y_um"].to_numpy() / px, cells["x_um"].to_numpy() / px], axis=1)
         if len(cells)
         else np.zeros((0, 2))
     )
-    pairs = match(det_rc, labels, cents, args.match_um / args.px)
+    pairs = match(det_rc, labels, cell_centroids(labels), match_um / px)
+    n_det, n_pos = len(det_rc), len(pos_ids)
     matched_pos = sum(1 for v in pairs.values() if v in pos_ids)
-    on_neg = sum(1 for v in pairs.values() if v in neg_ids)
-    n_det = len(det_rc)
-    unmatched = n_det - len(pairs)
-    n_pos = len(pos_ids)
-    recall = matched_pos / n_pos if n_pos else float("nan")
-    precision = matched_pos / n_det if n_det else float("nan")
-    ratio = n_det / n_pos if n_pos else float("nan")
-    roles = slide.roles
+    row.update(
+        detections=n_det,
+        matched_pos=matched_pos,
+        on_neg=sum(1 for v in pairs.values() if v in neg_ids),
+        unmatched=n_det - len(pairs),
+        recall=matched_pos / n_pos if n_pos else float("nan"),
+        precision=matched_pos / n_det if n_det else float("nan"),
+        count_ratio=n_det / n_pos if n_pos else float("nan"),
+        pixel_size_um=px,
+        stain_levels=result.summary.get("stain_levels"),
+    )
+    return row
+
+
+def cmd_run(args) -> None:
+    config = dict(_parse_kv(kv) for kv in args.config) if args.config else None
+    row = score(
+        args.image,
+        args.labels,
+        channels=args.channels,
+        pixel_size_um=args.pixel_size_um,
+        positive=args,
+        method=args.method,
+        config=config,
+        threads=args.threads,
+        match_um=args.match_um,
+    )
+    name = args.name or Path(args.image).name
+    if args.header:
+        print(HEADER)
+    head = f"| {name} | {args.method} | {row['marker']} | {row['labelled_pos']} "
+    head += f"| {row['labelled_neg']} "
+    if row["failed"]:
+        print(head + f"| failed: {row['failed'][:90]} | | | | | | | |")
+        return
     print(
-        f"| {name} | {args.method} | {her2_name} | {n_pos} | {len(neg_ids)} | {n_det} "
-        f"| {matched_pos} | {on_neg} | {unmatched} | {recall:.3f} | {precision:.3f} "
-        f"| {ratio:.2f} | {seconds:.1f} |"
+        head + f"| {row['detections']} | {row['matched_pos']} | {row['on_neg']} "
+        f"| {row['unmatched']} | {row['recall']:.3f} | {row['precision']:.3f} "
+        f"| {row['count_ratio']:.2f} | {row['seconds']:.1f} |"
     )
     if args.verbose:
         print(
-            f"# pixel size {args.px} um; roles {roles}; channels {slide.channel_names}; "
-            f"stain levels {result.summary.get('stain_levels')}",
+            f"# pixel size {row['pixel_size_um']} um; stain levels {row['stain_levels']}",
             file=sys.stderr,
         )
 
@@ -479,6 +501,230 @@ def cmd_label_table(args) -> None:
     print(f"{args.out}: {len(table)} cells")
 
 
+# --------------------------------------------------------------------------------------------
+# The published table: prepare the data from the fetched snapshots, then score every row
+# --------------------------------------------------------------------------------------------
+
+SIMPLESEG = ("SydneyBioX+simpleSeg", "48b82bb52403ef0f1fa6bcc8041ec33a0eaef09e")
+ARK = ("angelolab+ark-analysis", "3558771dd12ebe0d7c3b1b3b53bb20ece0af1e71")
+DCIS_POINTS = ("Point2203_pt1072_31606", "Point2206_pt1116_31620")
+ARK_TIFS = "data/example_dataset/input_data/single_channel_inputs/fov8/TIFs"
+ARK_MASK = "data/example_dataset/deepcell_output/fov8_feature_0.tif"
+#: Fluorescence-like copy of ion counts: Gaussian sigma (px), scale, glass offset.
+IF_LIKE = ("--smooth-sigma-px", "1", "--scale", "10", "--offset", "100")
+PIXEL_SIZE_UM = 0.5
+
+
+def _git_show(git_dir: Path, commit: str, path: str, out: Path) -> None:
+    import subprocess
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    blob = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "show", f"{commit}:{path}"],
+        capture_output=True,
+        check=False,
+    )
+    if blob.returncode:
+        sys.exit(f"{git_dir}: cannot read {path} at {commit[:7]}: {blob.stderr.decode().strip()}")
+    out.write_bytes(blob.stdout)
+
+
+def cmd_prepare(args) -> None:
+    """Files of the two snapshots at their commits -> the images, masks and cell tables."""
+    mirror, data = Path(args.mirror), Path(args.data)
+    for repo, _ in (SIMPLESEG, ARK):
+        if not (mirror / repo / "repo").is_dir():
+            sys.exit(
+                f"{mirror / repo / 'repo'}: no snapshot; fetch github:{repo.replace('+', '/')} "
+                "first (the search tool's fetch), or give --mirror"
+            )
+    px = str(PIXEL_SIZE_UM)
+    # simpleSeg: two DCIS fields, nuclear masks in one .rds
+    git, commit = mirror / SIMPLESEG[0] / "repo", SIMPLESEG[1]
+    out = data / "simpleseg_dcis_mibi"
+    _git_show(git, commit, "tests/testthat/saved_masks.rds", out / "raw" / "saved_masks.rds")
+    main(
+        [
+            "rds-masks",
+            str(out / "raw" / "saved_masks.rds"),
+            "--out-dir",
+            str(out),
+            "--names",
+            ",".join(DCIS_POINTS),
+        ]
+    )
+    for point in DCIS_POINTS:
+        raw = out / "raw" / point
+        for ch in ("HH3", "HER2", "PanKRT", "ECAD", "Ki67"):
+            _git_show(git, commit, f"inst/extdata/{point}/{ch}.tif", raw / f"{ch}.tif")
+        chans = [f"{ch}={raw / ch}.tif" for ch in ("HH3", "HER2", "PanKRT", "ECAD", "Ki67")]
+        main(["stack", "--out", str(out / f"{point}.ome.tif"), "--pixel-size-um", px, *chans])
+        main(
+            [
+                "stack",
+                "--out",
+                str(out / f"{point}_if.ome.tif"),
+                "--pixel-size-um",
+                px,
+                *IF_LIKE,
+                *chans,
+            ]
+        )
+        main(
+            [
+                "label-table",
+                "--image",
+                str(out / f"{point}.ome.tif"),
+                "--labels",
+                str(out / f"{point}.mask.tif"),
+                "--pixel-size-um",
+                px,
+                "--ring-um",
+                "2",
+                "--gate",
+                "HER2",
+                "--gate",
+                "PanKRT",
+                "--gate",
+                "ECAD",
+                "--out",
+                str(out / f"{point}.cells.csv"),
+            ]
+        )
+    # ark-analysis: one breast-tumour field, DeepCell whole-cell mask
+    git, commit = mirror / ARK[0] / "repo", ARK[1]
+    out = data / "ark_fov8_mibi"
+    raw = out / "raw"
+    names = ("HH3", "HER2", "PanKeratin", "ECadherin", "Ki67")
+    for ch in names:
+        _git_show(git, commit, f"{ARK_TIFS}/{ch}.tif", raw / f"{ch}.tif")
+    _git_show(git, commit, ARK_MASK, raw / "fov8_feature_0.tif")
+    chans = [f"{ch}={raw / ch}.tif" for ch in names]
+    main(["stack", "--out", str(out / "fov8.ome.tif"), "--pixel-size-um", px, *chans])
+    main(["stack", "--out", str(out / "fov8_if.ome.tif"), "--pixel-size-um", px, *IF_LIKE, *chans])
+    main(
+        [
+            "label-table",
+            "--image",
+            str(out / "fov8.ome.tif"),
+            "--labels",
+            str(raw / "fov8_feature_0.tif"),
+            "--gate",
+            "HER2",
+            "--gate",
+            "PanKeratin",
+            "--gate",
+            "ECadherin",
+            "--out",
+            str(out / "cells.csv"),
+        ]
+    )
+    (data / "README.txt").write_text(
+        "Prepared by tests/benchmarks/bench_real_if.py prepare from\n"
+        f"  github:{SIMPLESEG[0].replace('+', '/')} at {SIMPLESEG[1]} (GPL-3)\n"
+        f"  github:{ARK[0].replace('+', '/')} at {ARK[1]} (MIT)\n"
+        "Third-party data: do not commit.\n"
+    )
+    print(f"{data}: prepared")
+
+
+def table_fields(data: Path) -> list[dict]:
+    """The rows of the published table: field, image, mask, cell table, markers scored."""
+    dcis = data / "simpleseg_dcis_mibi"
+    ark = data / "ark_fov8_mibi"
+    fields = []
+    for point in DCIS_POINTS:
+        fields.append(
+            {
+                "field": f"DCIS {point[5:9]}",
+                "image": dcis / f"{point}_if.ome.tif",
+                "labels": dcis / f"{point}.mask.tif",
+                "cells": dcis / f"{point}.cells.csv",
+                "nuclear": "HH3",
+                "markers": (("HER2", "HER2"), ("pan-CK", "PanKRT")),
+            }
+        )
+    fields.append(
+        {
+            "field": "ark fov8",
+            "image": ark / "fov8_if.ome.tif",
+            "labels": ark / "raw" / "fov8_feature_0.tif",
+            "cells": ark / "cells.csv",
+            "nuclear": "HH3",
+            # its HER2 is at background (median cell mean 0.24 counts/px): not scored
+            "markers": (("pan-keratin", "PanKeratin"),),
+        }
+    )
+    return fields
+
+
+#: Detectors of the table: name, method, AnalysisConfig fields.
+DETECTORS = (
+    ("v2", "unet", {}),
+    ("v1", "unet", {"model_path": "models/weights/lungmets_unet_v1.pt"}),
+    ("classical", "classical", {}),
+)
+
+
+def cmd_table(args) -> None:
+    import pandas as pd
+
+    data = Path(args.data)
+    fields = table_fields(data)
+    missing = [str(f[k]) for f in fields for k in ("image", "labels", "cells") if not f[k].exists()]
+    if missing:
+        sys.exit(
+            f"{data}: missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+            f"run `python3 tests/benchmarks/bench_real_if.py prepare --data {data}` first"
+        )
+    detectors = [d for d in DETECTORS if not args.detectors or d[0] in args.detectors.split(",")]
+    lines = [
+        "| field | marker | labelled+ | labelled- | detector | detections | matched+ "
+        "| on marker- | unmatched | recall | precision | count ratio |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for f in fields:
+        table = pd.read_csv(f["cells"])
+        for label, channel in f["markers"]:
+            pos = table["label"][table[f"{channel}_pos"].astype(bool)].astype(int)
+            pos_ids = set(pos.tolist())
+            neg_ids = set(table["label"].astype(int).tolist()) - pos_ids
+            for det, method, config in detectors:
+                row = score(
+                    f["image"],
+                    f["labels"],
+                    channels=f"DAPI={f['nuclear']},HER2={channel}",
+                    pixel_size_um=PIXEL_SIZE_UM,
+                    pos_ids=pos_ids,
+                    neg_ids=neg_ids,
+                    method=method,
+                    config=config,
+                    threads=args.threads,
+                )
+                head = f"| {f['field']} | {label} | {len(pos_ids)} | {len(neg_ids)} | {det} "
+                if row["failed"]:
+                    line = head + f"| failed: {row['failed'][:80]} | | | | | | |"
+                else:
+                    line = (
+                        head + f"| {row['detections']} | {row['matched_pos']} | {row['on_neg']} "
+                        f"| {row['unmatched']} | {row['recall']:.3f} | {row['precision']:.3f} "
+                        f"| {row['count_ratio']:.2f} |"
+                    )
+                lines.append(line)
+                print(line, flush=True)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _common import machine_line, write_section
+
+        lines += [
+            "",
+            f"Command: `python3 tests/benchmarks/bench_real_if.py prepare --data DIR && "
+            f"python3 tests/benchmarks/bench_real_if.py table --data DIR --write` "
+            f"(threads {args.threads}). {machine_line()}",
+        ]
+        write_section("bench_real_if", "Real multiplexed images with per-cell labels", lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -532,6 +778,18 @@ def main(argv=None) -> None:
     t.add_argument("--threshold", type=float, default=None, help="fixed gate (default Otsu)")
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_label_table)
+
+    pr = sub.add_parser("prepare", help="the published table's data, from fetched snapshots")
+    pr.add_argument("--data", required=True, help="folder to write (outside the repository)")
+    pr.add_argument("--mirror", default="/work/.mirror", help="where fetch put the snapshots")
+    pr.set_defaults(func=cmd_prepare)
+
+    tb = sub.add_parser("table", help="score every row of the published table")
+    tb.add_argument("--data", required=True, help="the folder `prepare` wrote")
+    tb.add_argument("--detectors", default="", help="comma list of v2,v1,classical")
+    tb.add_argument("--threads", type=int, default=1)
+    tb.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
+    tb.set_defaults(func=cmd_table)
 
     args = ap.parse_args(argv)
     args.func(args)

@@ -203,6 +203,15 @@ BENCHES: list[Bench] = [
         ("bench_real_nuclei",),
         needs="real-data",
     ),
+    Bench(
+        "real-if",
+        "bench_real_if.py",
+        ["table", "--data", "{real}/real_if_data"],
+        ["table", "--data", "{real}/real_if_data"],
+        ("bench_real_if",),
+        needs="real-data",
+        note="prepare DIR/real_if_data first: bench_real_if.py prepare --data ...",
+    ),
 ]
 
 
