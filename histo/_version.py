@@ -9,4 +9,6 @@ __version__ = "0.1.0"
 #: left out (`histo.markers.her2_over_autofluorescence`). 4: nuclear rims left out of the
 #: reference levels' spectral guard (`histo.tissue.RIM_DAPI`). 5: a HER2 reference far above
 #: the ordinary nuclei's own HER2 is brought down to it (`histo.tissue.HOST_NUCLEI_MULTIPLE`).
-ANALYSIS_REVISION = 5
+#: 6: detections that form a HER2-negative population of their own are not counted
+#: (`histo.markers.negative_population`).
+ANALYSIS_REVISION = 6

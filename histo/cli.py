@@ -332,6 +332,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             ki67_threshold=args.ki67_threshold,
             her2_threshold=args.her2_threshold,
             her2_min_over_autofluorescence=args.her2_over_autofluorescence,
+            her2_min_population_gap=args.her2_population_gap,
         )
     except ValueError as exc:
         raise InputError(f"bad analysis settings: {exc}") from None
@@ -809,6 +810,15 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         help="a detected cell counts only when its cytoplasmic HER2 is more than RATIO times "
         "what autofluorescence gives there (predicted from its cytoplasmic Ki67 and the "
         "slide's HER2/Ki67 autofluorescence); 0: no check (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--her2-population-gap",
+        type=_non_negative_float,
+        default=_DEFAULTS.her2_min_population_gap,
+        metavar="FOLD",
+        help="detections whose HER2 is that of unstained tissue and that lie at least FOLD "
+        "times below all other detections form a HER2-negative population and are not "
+        "counted; 0: no check (default: %(default)s)",
     )
     parser.add_argument(
         "--chunk-size",

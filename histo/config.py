@@ -94,6 +94,12 @@ class AnalysisConfig:
         (`histo.markers.her2_over_autofluorescence`): bright autofluorescent cells
         (hepatocytes, macrophages) are not HER2+. 0 turns the check off. Needs Ki67 and the
         network detector (the classical one has its own `autofluorescence_max_ratio`).
+    her2_min_population_gap : float
+        Detected cells whose HER2 is that of unstained tissue (median at most twice the
+        slide's HER2 reference) and that are separated from all other detections by an empty
+        gap of at least this fold change in HER2 are a HER2-negative population and are not
+        counted (`histo.markers.negative_population`); the slide's own cells decide. 0 turns
+        the check off.
     """
 
     method: str = "unet"
@@ -126,6 +132,7 @@ class AnalysisConfig:
     ki67_threshold: float | str = "auto"
     her2_threshold: float | str = "off"
     her2_min_over_autofluorescence: float = 1.1
+    her2_min_population_gap: float = 4.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -136,6 +143,11 @@ class AnalysisConfig:
             raise ValueError(f"halo_px must be >= 0, got {self.halo_px}")
         if not 1 < self.cluster_min_cells < self.focus_min_cells:
             raise ValueError("need 1 < cluster_min_cells < focus_min_cells")
+        if not self.her2_min_population_gap >= 0:
+            raise ValueError(
+                "her2_min_population_gap must be >= 0 (0: no check), got "
+                f"{self.her2_min_population_gap!r}"
+            )
         if not self.her2_min_over_autofluorescence >= 0:
             raise ValueError(
                 "her2_min_over_autofluorescence must be >= 0 (0: no check), got "

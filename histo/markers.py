@@ -85,6 +85,9 @@ class MarkerThreshold:
         (`her2_over_autofluorescence`): ``her2_per_ki67`` (the slide's autofluorescence
         ratio), ``min_ratio`` (the setting), ``removed`` (cells taken out), or a ``note``
         where it could not be made.
+    negative_population : dict or None
+        HER2: detections taken out as a HER2-negative population of their own
+        (`negative_population`): ``min_gap`` (the setting), ``removed``, and the ``gap`` found.
     compensation : dict or None
         Ki67: the bleed-through taken out of every nucleus before calibration
         (`compensate_ki67`): ``her2_into_ki67`` and ``dapi_into_her2`` (shares of the source
@@ -106,6 +109,7 @@ class MarkerThreshold:
     histogram: dict | None = None
     compensation: dict | None = None
     autofluorescence: dict | None = None
+    negative_population: dict | None = None
 
     def not_applied(self) -> MarkerThreshold:
         """The same figures, reported only (the detector's calls stand)."""
@@ -113,7 +117,13 @@ class MarkerThreshold:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("calibrated", "histogram", "compensation", "autofluorescence"):
+        for k in (
+            "calibrated",
+            "histogram",
+            "compensation",
+            "autofluorescence",
+            "negative_population",
+        ):
             if d[k] is None:
                 del d[k]
         for k, v in d.items():
@@ -491,6 +501,87 @@ def her2_over_autofluorescence(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN
         return np.nanmax(ratio, axis=1)
+
+
+#: A separate population of detections counts as HER2-negative only when its cells sit at the
+#: tissue's negative level: median HER2 at most this multiple of the slide's HER2 reference
+#: (the autofluorescence of HER2-negative tissue; HER2+ cells stand several times above it).
+NEGATIVE_POPULATION_MAX_RATIO = 2.0
+#: ... and only when the population above the gap is established (this many cells or more).
+NEGATIVE_POPULATION_MIN_ABOVE = 10
+
+
+def negative_population(
+    her2_ratio: np.ndarray,
+    *,
+    min_gap: float,
+    max_ratio: float = NEGATIVE_POPULATION_MAX_RATIO,
+    min_above: int = NEGATIVE_POPULATION_MIN_ABOVE,
+) -> tuple[np.ndarray, dict]:
+    """Detected cells that form a HER2-negative population of their own.
+
+    HER2+ cells of one slide spread over a continuous range of HER2 (dim to bright, membrane
+    to cytoplasm). Detections whose HER2 is that of unstained tissue (a median at most
+    `max_ratio` times the slide's HER2 reference), separated from all other detections by an
+    empty gap of at least `min_gap`-fold in HER2, are a second population: cells the stain did
+    not mark (e.g. proliferating immune nuclei on tissue with almost no autofluorescence). The
+    slide's own cells decide, not a fixed threshold: without such a gap nothing is removed.
+
+    Parameters
+    ----------
+    her2_ratio : ndarray, shape (n,)
+        Each detection's mean HER2 over the slide's HER2 reference (``her2_ratio``).
+    min_gap : float
+        Smallest empty gap (fold change between neighbouring detections) that separates two
+        populations; 0 turns the check off.
+    max_ratio : float
+        Largest median ``her2_ratio`` of the lower population.
+    min_above : int
+        Fewest detections above the gap.
+
+    Returns
+    -------
+    negative : ndarray of bool, shape (n,)
+        The detections of the negative population (NaN ratios are never in it).
+    info : dict
+        ``min_gap``, ``removed`` and, where a population was found, ``gap`` (fold),
+        ``below`` and ``above`` (the ratios either side of the gap) and ``median_ratio``.
+
+    Examples
+    --------
+    >>> ratio = np.r_[np.linspace(0.9, 1.8, 12), np.linspace(20.0, 60.0, 30)]
+    >>> negative, info = negative_population(ratio, min_gap=4.0)
+    >>> int(negative.sum()), info["gap"]
+    (12, 11.11)
+    >>> int(negative_population(np.linspace(1.0, 60.0, 42), min_gap=4.0)[0].sum())
+    0
+    """
+    ratio = np.asarray(her2_ratio, np.float64)
+    negative = np.zeros(len(ratio), bool)
+    info: dict = {"min_gap": float(min_gap), "removed": 0}
+    ok = np.flatnonzero(np.isfinite(ratio) & (ratio > 0))
+    if min_gap <= 0 or len(ok) < min_above + 1:
+        return negative, info
+    order = ok[np.argsort(ratio[ok])]
+    v = ratio[order]
+    gaps = v[1:] / v[:-1]
+    best = None
+    for k in np.flatnonzero(gaps >= min_gap):
+        n_above = len(v) - k - 1
+        lower_is_negative = np.median(v[: k + 1]) <= max_ratio
+        if n_above >= min_above and lower_is_negative and (best is None or gaps[k] > gaps[best]):
+            best = k
+    if best is None:
+        return negative, info
+    negative[order[: best + 1]] = True
+    info.update(
+        removed=int(best + 1),
+        gap=round(float(gaps[best]), 2),
+        below=round(float(v[best]), 3),
+        above=round(float(v[best + 1]), 3),
+        median_ratio=round(float(np.median(v[: best + 1])), 3),
+    )
+    return negative, info
 
 
 def user_threshold(

@@ -352,6 +352,8 @@ def marker_thresholds(
         cells = cells.assign(ki67_raw_mean=cells["ki67_mean"])
     cells, checked = _autofluorescence_check(slide, stain, config, out, cells)
     out["HER2"] = replace(out["HER2"], autofluorescence=checked)
+    cells, population = _negative_population_check(config, cells)
+    out["HER2"] = replace(out["HER2"], negative_population=population)
     return out, cells.drop(columns=[c for c in _BLEED_COLUMNS if c in cells])
 
 
@@ -406,6 +408,28 @@ def _autofluorescence_check(slide, stain, config, thresholds, cells):
         "removed": int(explained.sum()),
     }
     return cells, done
+
+
+def _negative_population_check(config, cells):
+    """`cells` without a HER2-negative population of their own
+    (`histo.markers.negative_population`), and what was done."""
+    from .markers import negative_population
+
+    if len(cells) == 0 or "her2_ratio" not in cells:
+        return cells, {"min_gap": float(config.her2_min_population_gap), "removed": 0}
+    negative, info = negative_population(
+        cells["her2_ratio"].to_numpy(np.float64), min_gap=config.her2_min_population_gap
+    )
+    if negative.any():
+        log.info(
+            "%d detections form a HER2-negative population (median HER2 %.2fx the reference, "
+            "%.1f-fold below the others): not counted",
+            info["removed"],
+            info["median_ratio"],
+            info["gap"],
+        )
+        cells = cells[~negative].reset_index(drop=True)
+    return cells, info
 
 
 #: Per-cell measurements of the detector that serve only to measure bleed-through

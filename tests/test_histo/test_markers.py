@@ -23,6 +23,7 @@ from histo.markers import (
     calibrate_threshold,
     compensate_ki67,
     her2_over_autofluorescence,
+    negative_population,
     spillover,
     user_threshold,
 )
@@ -339,3 +340,33 @@ def test_a_wide_negative_population_of_the_cells_does_not_push_the_threshold_int
     assert t.method == "two populations of the cells"
     truth = np.r_[np.zeros(len(negative_cells), bool), np.ones(len(positive_cells), bool)]
     assert ((cells >= t.threshold) == truth).mean() >= 0.97  # 0.92 with a 2-SD floor
+
+
+def test_a_separate_population_at_the_negative_level_is_found_and_a_continuum_is_not():
+    rng = np.random.default_rng(5)
+    # 30 immune-like nuclei at the tissue's own HER2 (ratio about 1) under 25 HER2+ cells
+    low = np.exp(rng.normal(np.log(1.3), 0.25, 30))
+    high = np.exp(rng.normal(np.log(40.0), 0.3, 25))
+    ratio = rng.permutation(np.r_[low, high])
+    negative, info = negative_population(ratio, min_gap=4.0)
+    assert set(np.flatnonzero(negative)) == set(np.flatnonzero(ratio < 5))
+    assert info["removed"] == 30 and info["gap"] == pytest.approx(high.min() / low.max(), 0.01)
+    # The same cells with the gap filled (dim to bright HER2+ cells): nothing is removed.
+    filled = np.r_[ratio, np.geomspace(low.max(), high.min(), 12)[1:-1]]
+    assert not negative_population(filled, min_gap=4.0)[0].any()
+    # Off; NaN ratios never removed.
+    assert not negative_population(ratio, min_gap=0)[0].any()
+    with_nan = np.r_[ratio, np.nan]
+    assert negative_population(with_nan, min_gap=4.0)[0].sum() == 30
+    assert not negative_population(with_nan, min_gap=4.0)[0][-1]
+
+
+def test_a_lower_population_above_the_negative_level_or_under_too_few_cells_stays():
+    """Dim HER2+ cells (3x the reference) under bright ones are HER2+; and a few cells above
+    a gap are not yet a population to judge against."""
+    dim = np.linspace(2.5, 4.0, 20)
+    bright = np.linspace(30.0, 60.0, 20)
+    assert not negative_population(np.r_[dim, bright], min_gap=4.0)[0].any()
+    low = np.linspace(0.9, 1.5, 20)
+    assert not negative_population(np.r_[low, bright[:5]], min_gap=4.0)[0].any()
+    assert negative_population(np.r_[low, bright[:10]], min_gap=4.0)[0].sum() == 20

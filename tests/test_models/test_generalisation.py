@@ -172,3 +172,31 @@ def test_pixels_coarser_than_twice_the_model_are_refused_with_a_clear_error():
     assert model_factor(1.0, 2.0) == 0.5
     with pytest.raises(InputError, match=r"slide\.tif: pixel size 2\.5 um is too coarse"):
         model_factor(1.0, 2.5, "slide.tif")
+
+
+def test_a_her2_negative_population_on_dark_tissue_is_not_counted(tmp_path):
+    """Autofluorescence at 0.05x, bench_generalisation's third section of that case (9 dpi,
+    seed 92102): the network called 31 proliferating immune nuclei HER2+ (their HER2 that of
+    the ordinary nuclei, 1-4x the reference) beside 20 cancer cells at 24x and more. They form
+    a population of their own, below an empty 16-fold gap, and are not counted."""
+    s = generate_slide(
+        tmp_path / "dark9.ome.tif",
+        size_px=(2048, 1536),
+        group="IAV",
+        dpi=9,
+        seed=92102,
+        appearance=Appearance(autofluorescence=0.05),
+        labels=False,
+    )
+    checked = analyze_slide(s.path, AnalysisConfig())
+    unchecked = analyze_slide(s.path, AnalysisConfig(her2_min_population_gap=0))
+    with_check = evaluate_cells(checked.cells, s.cells)
+    without = evaluate_cells(unchecked.cells, s.cells)
+    assert len(s.cells) >= 15
+    assert without["precision"] < 0.6, without
+    assert with_check["precision"] >= 0.95 and with_check["recall"] >= 0.95, with_check
+    population = checked.summary["markers"]["HER2"]["negative_population"]
+    assert population["removed"] == len(unchecked.cells) - len(checked.cells) > 0
+    assert population["gap"] >= 4.0 and population["median_ratio"] <= 2.0
+    singles = evaluate_lesions(checked.lesions, s.lesions).loc["single"]
+    assert singles["f1"] >= 0.95, singles
