@@ -2,12 +2,14 @@
 
 Run on demand (never in CI)::
 
-    python3 tests/benchmarks/bench_markers.py [--write]
+    python3 tests/benchmarks/bench_markers.py [--sections 6] [--write]
 
 Every Ki67 style the generator draws (non-specific nuclear background in negatives, speckled
 or diffuse positives, near-zero or high autofluorescence, HER2 bleeding into Ki67, Ki67 that
-masks DAPI) and few or many positives (a PBS section, an infected one at 15 dpi), two sections
-each (seeds 94000+, never used in training), 1024 x 1024 um at 0.5 um/px. Each is analysed once
+masks DAPI) and few or many positives (PBS sections, infected ones), two sections each or
+``--sections N`` up to 6 (more days post infection: 9, 60, 21, 12; a style's dormant cells are
+then counted in the tens, so one cell is not 5%), seeds 94000+ never used in training,
+1024 x 1024 um at 0.5 um/px. Each is analysed once
 with the shipped network and called twice: ``--ki67-threshold detector`` (the network's own
 Ki67 output, the behaviour before calibration) and ``auto`` (the default: the threshold
 calibrated on the slide's nuclei, `histo.markers`). Figures: per-cell Ki67 status accuracy over
@@ -47,6 +49,20 @@ STYLES = {
 }
 SEED = 94000
 SIZE_PX = (2048, 2048)
+#: Sections 3 and on of a style (``--sections``), after its own two: more days post infection
+#: of the same group.
+MORE_DPI = (9, 60, 21, 12)
+
+
+def style_sections(sections: list, n: int) -> list:
+    """The first `n` sections (group, dpi) of a style: its own two, then `MORE_DPI`."""
+    group = sections[0][0]
+    return [*sections, *((group, d) for d in MORE_DPI)][:n]
+
+
+def section_seed(k: int, j: int) -> int:
+    """Seed of section `j` of style `k` (the first two as the table always had)."""
+    return SEED + 2 * k + j if j < 2 else SEED + 1000 + 10 * k + j
 
 
 def score(pairs) -> dict:
@@ -85,8 +101,11 @@ def main() -> None:
         default="x".join(map(str, SIZE_PX)),
         help="section size in pixels at 0.5 um/px (WxH; the published table: 2048x2048)",
     )
+    ap.add_argument("--sections", type=int, default=2, help="sections per style (2 to 6)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    if not 1 <= args.sections <= 2 + len(MORE_DPI):
+        ap.error(f"--sections must be 1 to {2 + len(MORE_DPI)}")
     size_px = tuple(int(v) for v in args.size.split("x"))
     # Slides of another size are other slides: keep them apart in the data folder.
     if size_px != SIZE_PX:
@@ -95,7 +114,7 @@ def main() -> None:
     rows = []
     for k, (name, (fields, sections)) in enumerate(STYLES.items()):
         paths = []
-        for j, (group, dpi) in enumerate(sections):
+        for j, (group, dpi) in enumerate(style_sections(sections, args.sections)):
             path = args.data / f"style{k:02d}_{j}.ome.tif"
             if not path.exists():
                 generate_slide(
@@ -103,7 +122,7 @@ def main() -> None:
                     size_px=size_px,
                     group=group,
                     dpi=dpi,
-                    seed=SEED + 2 * k + j,
+                    seed=section_seed(k, j),
                     appearance=Appearance(**fields),
                     labels=False,
                 )
@@ -128,8 +147,10 @@ def main() -> None:
             print(_row(s), flush=True)
     lines = [
         machine_line(),
-        f"Command: `python3 tests/benchmarks/bench_markers.py --size {args.size} --write`. Two "
-        f"sections per style (seeds {SEED}+, {size_px[0] // 2} x {size_px[1] // 2} um), the "
+        f"Command: `python3 tests/benchmarks/bench_markers.py --size {args.size} --sections "
+        f"{args.sections} --write`. {args.sections} sections per style (the style's own two "
+        f"days post infection, then {', '.join(map(str, MORE_DPI))} dpi; seeds {SEED}+, "
+        f"{size_px[0] // 2} x {size_px[1] // 2} um each), the "
         "shipped network; "
         "'detector': its own Ki67 output, 'auto': the slide-calibrated threshold (default).",
         "",

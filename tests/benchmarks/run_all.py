@@ -169,9 +169,10 @@ BENCHES: list[Bench] = [
     Bench(
         "markers",
         "bench_markers.py",
-        ["--size", "2048x2048"],
+        ["--size", "2048x2048", "--sections", "6"],
         ["--size", "768x768"],
         ("bench_markers",),
+        note="six sections per style: dormant cells in the tens",
     ),
     Bench(
         "teach",
