@@ -56,6 +56,8 @@ class TrainConfig:
     families: bool = True
     #: Families held out of training (entirely, or beyond their training range).
     exclude_families: tuple[str, ...] = ()
+    #: Probability that each family departs from the default style on a training slide.
+    family_probability: float = 0.35
     #: Share of patches drawn at another scale (`ZOOM_RANGE`).
     zoom_probability: float = ZOOM_PROBABILITY
 
@@ -219,12 +221,15 @@ def make_slides(
     *,
     families: bool = False,
     exclude_families: tuple[str, ...] = (),
+    family_probability: float = 0.35,
 ) -> list[Path]:
     """Generate training or validation slides (varied group, dpi and Ki67) with truth.
 
     With `families`, each slide also gets a style drawn from the generator's appearance
     families (`histo.synthetic.random_appearance`, without `exclude_families`' held-out
     values); the slide then covers the same area in um as a ``size_px`` slide at 0.5 um/px.
+    Each family departs from the default with probability `family_probability` (a value
+    other than 0.35 is part of the file names).
     """
     from histo.synthetic import generate_slide
     from histo.synthetic._appearance import Appearance, random_appearance
@@ -233,6 +238,8 @@ def make_slides(
     tag = ""
     if families:
         tag = "_fam" + ("-no-" + "-".join(sorted(exclude_families)) if exclude_families else "")
+        if family_probability != 0.35:
+            tag += f"_p{family_probability:g}"
     paths = []
     for i, seed in enumerate(seeds):
         rng = np.random.default_rng(seed)
@@ -242,7 +249,9 @@ def make_slides(
         app, px = Appearance(), 0.5
         if families:
             app, px = random_appearance(
-                np.random.default_rng([seed, 0xFA]), exclude=tuple(exclude_families)
+                np.random.default_rng([seed, 0xFA]),
+                exclude=tuple(exclude_families),
+                p_each=family_probability,
             )
         side = int(round(size_px * 0.5 / px))
         path = out_dir / f"train_{seed}{tag}.ome.tif"
@@ -577,6 +586,7 @@ def revalidate(model_path, data_dir) -> dict:
         int(tr["slide_size_px"]),
         families=bool(tr.get("families", False)),
         exclude_families=tuple(tr.get("exclude_families", ())),
+        family_probability=float(tr.get("family_probability", 0.35)),
     )
     names = [p.name for p in paths]
     if names != cfg.get("validation_slides", names):
@@ -673,7 +683,11 @@ def run_training(
         cut = max(1, len(paths) // 5) if len(paths) > 1 else 0
         tr_paths, va_paths = paths[cut:], paths[:cut]
     else:
-        fam = {"families": config.families, "exclude_families": config.exclude_families}
+        fam = {
+            "families": config.families,
+            "exclude_families": config.exclude_families,
+            "family_probability": config.family_probability,
+        }
         tr_paths = make_slides(
             data_dir, range(1000, 1000 + config.n_train_slides), config.slide_size_px, **fam
         )
@@ -721,6 +735,12 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--zoom-probability", type=float, default=TrainConfig.zoom_probability)
     p.add_argument("--no-families", action="store_true")
+    p.add_argument(
+        "--family-probability",
+        type=float,
+        default=TrainConfig.family_probability,
+        help="probability that each appearance family departs from the default on a slide",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.threads:
@@ -735,6 +755,7 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
         lr=args.lr,
         zoom_probability=args.zoom_probability,
         families=not args.no_families,
+        family_probability=args.family_probability,
     )
     path = run_training(args.out, data_dir=args.data, config=config, init_model=args.from_model)
     print(path)

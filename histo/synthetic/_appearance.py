@@ -189,6 +189,13 @@ def _log_uniform(rng, lo, hi):
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
+def _either_side_of_default(rng, lo, hi):
+    """Log-uniform over [lo, 1] or [1, hi], each side as likely: a range that reaches further
+    below the default than above it still draws as many brighter slides as darker ones."""
+    u = rng.uniform(-1.0, 1.0)
+    return float(math.exp(u * (-math.log(lo) if u < 0 else math.log(hi))))
+
+
 def _diameter(rng, lo, hi):
     d = rng.uniform(lo, hi)
     return (round(max(lo, d - 2.5), 2), round(min(hi, d + 2.5), 2))
@@ -252,7 +259,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "autofluorescence",
             full=lambda rng: {
-                "autofluorescence": _log_uniform(rng, 0.04, 6.0),
+                "autofluorescence": _either_side_of_default(rng, 0.04, 6.0),
                 "af_unevenness": float(rng.uniform(0.0, 0.9)),
             },
             train=lambda rng: {

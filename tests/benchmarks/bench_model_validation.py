@@ -71,6 +71,7 @@ def main(argv=None) -> None:
                 int(tr["slide_size_px"]),
                 families=bool(tr.get("families", False)),
                 exclude_families=tuple(tr.get("exclude_families", ())),
+                family_probability=float(tr.get("family_probability", 0.35)),
             )
             validation = validate_model(model, paths)
         elif args.record:

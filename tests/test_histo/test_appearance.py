@@ -189,6 +189,28 @@ def test_random_appearance_never_draws_held_out_values():
     assert {a.layout for a in full} >= {"liver", "stroma"}
 
 
+def test_whole_range_autofluorescence_draws_brighter_slides_as_often_as_darker():
+    # The range reaches 25x below the default and 6x above it: drawn log-uniform over it,
+    # only about one slide in three would be brighter than the default style.
+    rng = np.random.default_rng(1)
+    af = np.array([FAMILIES["autofluorescence"].full(rng)["autofluorescence"] for _ in range(2000)])
+    assert af.min() >= 0.04 and af.max() <= 6.0
+    assert 0.45 <= np.mean(af > 1.0) <= 0.55
+    assert np.mean(af > 3.0) >= 0.15  # log-uniform over 0.04-6 gives 0.14 above 3x
+    assert np.mean(af < 0.2) >= 0.2
+
+
+def test_family_probability_sets_how_many_families_depart_from_the_default():
+    def departed(p_each):
+        rng = np.random.default_rng(2)
+        return np.mean(
+            [len(random_appearance(rng, p_each=p_each)[0].changes()) for _ in range(400)]
+        )
+
+    assert departed(0.0) == 0
+    assert departed(0.6) > 1.4 * departed(0.35)
+
+
 @pytest.mark.parametrize(
     "app",
     [

@@ -369,6 +369,16 @@ def test_network_lesions_do_not_depend_on_chunk_size(held_out, chunk_size_px):
     np.testing.assert_allclose(a.lesions[["x_um", "y_um"]], b.lesions[["x_um", "y_um"]], atol=0.01)
 
 
+def test_family_probability_is_part_of_the_training_slides_names(tmp_path):
+    default = make_slides(tmp_path, [1000], 256, families=True, exclude_families=("layout",))
+    other = make_slides(
+        tmp_path, [1000], 256, families=True, exclude_families=("layout",), family_probability=0.5
+    )
+    assert default[0].name == "train_1000_fam-no-layout.ome.tif"
+    assert other[0].name == "train_1000_fam-no-layout_p0.5.ome.tif"
+    assert other[0].exists() and default[0].exists()
+
+
 def test_a_tiny_training_run_lowers_the_loss(tmp_path):
     paths = make_slides(tmp_path, [1000], 768)
     data = [slide_data(p, 1.0) for p in paths]
