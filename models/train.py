@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from histo.synthetic._appearance import FAMILY_PROBABILITY
+
 log = logging.getLogger(__name__)
 
 PATCH = 128
@@ -57,7 +59,7 @@ class TrainConfig:
     #: Families held out of training (entirely, or beyond their training range).
     exclude_families: tuple[str, ...] = ()
     #: Probability that each family departs from the default style on a training slide.
-    family_probability: float = 0.35
+    family_probability: float = FAMILY_PROBABILITY
     #: Share of patches drawn at another scale (`ZOOM_RANGE`).
     zoom_probability: float = ZOOM_PROBABILITY
 
@@ -221,7 +223,7 @@ def make_slides(
     *,
     families: bool = False,
     exclude_families: tuple[str, ...] = (),
-    family_probability: float = 0.35,
+    family_probability: float = FAMILY_PROBABILITY,
 ) -> list[Path]:
     """Generate training or validation slides (varied group, dpi and Ki67) with truth.
 
@@ -229,7 +231,7 @@ def make_slides(
     families (`histo.synthetic.random_appearance`, without `exclude_families`' held-out
     values); the slide then covers the same area in um as a ``size_px`` slide at 0.5 um/px.
     Each family departs from the default with probability `family_probability` (a value
-    other than 0.35 is part of the file names).
+    other than the default, `FAMILY_PROBABILITY`, is part of the file names).
     """
     from histo.synthetic import generate_slide
     from histo.synthetic._appearance import Appearance, random_appearance
@@ -238,7 +240,7 @@ def make_slides(
     tag = ""
     if families:
         tag = "_fam" + ("-no-" + "-".join(sorted(exclude_families)) if exclude_families else "")
-        if family_probability != 0.35:
+        if family_probability != FAMILY_PROBABILITY:
             tag += f"_p{family_probability:g}"
     paths = []
     for i, seed in enumerate(seeds):
@@ -586,7 +588,7 @@ def revalidate(model_path, data_dir) -> dict:
         int(tr["slide_size_px"]),
         families=bool(tr.get("families", False)),
         exclude_families=tuple(tr.get("exclude_families", ())),
-        family_probability=float(tr.get("family_probability", 0.35)),
+        family_probability=float(tr.get("family_probability", FAMILY_PROBABILITY)),
     )
     names = [p.name for p in paths]
     if names != cfg.get("validation_slides", names):

@@ -301,12 +301,18 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
+#: Probability that each family departs from the default style on a drawn training slide.
+FAMILY_PROBABILITY = 0.35
+
 #: The families the leave-family-out model never sees.
 HELD_OUT_ENTIRELY = tuple(name for name, f in FAMILIES.items() if f.entirely)
 
 
 def random_appearance(
-    rng: np.random.Generator, *, exclude: tuple[str, ...] = (), p_each: float = 0.35
+    rng: np.random.Generator,
+    *,
+    exclude: tuple[str, ...] = (),
+    p_each: float = FAMILY_PROBABILITY,
 ) -> tuple[Appearance, float]:
     """Draw a training style: each family departs from the default with probability `p_each`.
 

@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, machine_line, write_section  # noqa: E402
 
+from histo.synthetic._appearance import FAMILY_PROBABILITY  # noqa: E402
+
 MODELS = {
     "v1": ROOT / "models" / "weights" / "lungmets_unet_v1.pt",
     "v2": ROOT / "models" / "weights" / "lungmets_unet_v2.pt",
@@ -71,7 +73,7 @@ def main(argv=None) -> None:
                 int(tr["slide_size_px"]),
                 families=bool(tr.get("families", False)),
                 exclude_families=tuple(tr.get("exclude_families", ())),
-                family_probability=float(tr.get("family_probability", 0.35)),
+                family_probability=float(tr.get("family_probability", FAMILY_PROBABILITY)),
             )
             validation = validate_model(model, paths)
         elif args.record:
