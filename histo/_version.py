@@ -10,5 +10,7 @@ __version__ = "0.1.0"
 #: reference levels' spectral guard (`histo.tissue.RIM_DAPI`). 5: a HER2 reference far above
 #: the ordinary nuclei's own HER2 is brought down to it (`histo.tissue.HOST_NUCLEI_MULTIPLE`).
 #: 6: detections that form a HER2-negative population of their own are not counted
-#: (`histo.markers.negative_population`).
-ANALYSIS_REVISION = 6
+#: (`histo.markers.negative_population`). 7: the reference levels leave glass and the rims of
+#: nuclei out, tell nuclei from bright walls by their DAPI excess and split uneven tissue window
+#: by window (`histo.tissue.stain_levels`: bright autofluorescence gave the haze, 7-16x low).
+ANALYSIS_REVISION = 7

@@ -155,12 +155,19 @@ def stain_levels(
     *,
     unit: np.ndarray | None = None,
     negative_in_nuclei: tuple[int, ...] = (),
+    tissue: list[np.ndarray] | None = None,
+    rim_px: int = 2,
+    per_window: bool = True,
 ) -> StainLevels:
     """Autofluorescence and nuclear levels from windows of tissue at about 1 um/px.
 
-    The autofluorescence of each channel is its median over the alveolar walls, tissue that is
-    neither nucleus nor airspace: the brighter class of the channel's own non-nuclear tissue,
-    or of DAPI's (the same pixels in every channel), whichever gives more. For a marker whose
+    The autofluorescence of each channel is its median over the alveolar walls, tissue (glass
+    left out) that is neither nucleus nor airspace: the brighter class of the channel's own
+    non-nuclear tissue, or of DAPI's (the same pixels in every channel), whichever gives more.
+    Nuclei are where DAPI stands out, both over the tissue and over what the
+    autofluorescence's own spectrum predicts (`_nuclei`), with their rims. Where the airspace
+    holds a measurable haze, the walls are found window by window and their typical level
+    kept, as autofluorescence can vary several-fold over a section (`_median`). For a marker whose
     positive cells cover much of the section (solid tumour), where that median is the marker
     itself, it comes instead from tissue that stays negative: the autofluorescence's own ratio
     to the DAPI channel (the lowest population of that ratio; autofluorescence is broad-band, a
@@ -181,18 +188,29 @@ def stain_levels(
         Channels whose marker the tissue's ordinary nuclei do not carry (HER2): their
         reference is at most `HOST_NUCLEI_MULTIPLE` times the nuclei's own level (the lowest
         mode over bright nuclear pixels), which autofluorescence reaches too.
+    tissue : list of ndarray of bool, each (Y, X), optional
+        Each window's tissue mask: pixels outside it are glass and left out. Where a window
+        reaches over the edge of the section, glass would otherwise be the dark class of the
+        split below and the faint haze of the airspaces the bright one (a reference 8x too
+        low on a bright, uneven slide).
+    rim_px : int
+        Pixels around each nucleus left out with it (DAPI blurred out of it): in tissue
+        without airspace (stroma) the rims were the brighter class of the split.
+    per_window : bool
+        Split each window on its own where it shows haze and walls (see `_median`); False
+        pools every window.
 
     Returns
     -------
     StainLevels
     """
     c = len(offset)
-    pix = np.concatenate([w.reshape(c, -1) for w in windows], axis=1).astype(np.float32)
-    pix -= offset[:, None].astype(np.float32)
+    if tissue is None or sum(int(m.sum()) for m in tissue) < 1000:
+        tissue = [np.ones(w.shape[1:], bool) for w in windows]
+    pix = np.concatenate([w[:, m] for w, m in zip(windows, tissue, strict=True)], axis=1)
+    pix = pix.astype(np.float32) - offset[:, None].astype(np.float32)
     d = pix[dapi]
     nuclear_dapi = float(np.percentile(d, 99.0))
-    # Tissue that is neither nucleus nor airspace: the alveolar walls' autofluorescence.
-    not_nuclear = d < 0.15 * nuclear_dapi
     # Integer counts cannot resolve less than one count; floats get the equivalent of a count.
     integer = all(np.issubdtype(w.dtype, np.integer) for w in windows)
     if integer:
@@ -201,25 +219,51 @@ def stain_levels(
         floors = np.maximum(np.asarray(unit, float), 1e-12)
     else:
         floors = np.full(c, max(1e-6 * float(np.ptp(pix)), 1e-12))
+    # Tissue that is neither nucleus nor airspace, nor the rim of a nucleus: the alveolar walls'
+    # autofluorescence.
+    not_nuclear = np.concatenate(
+        [
+            ~_grown(_nuclei(w, offset, dapi, nuclear_dapi, negative_in_nuclei, floors), rim_px)[m]
+            for w, m in zip(windows, tissue, strict=True)
+        ]
+    )
     # Lung tissue is dark airspace and bright alveolar walls: split the two (Otsu on log
     # intensity, so the split does not depend on exposure) and take the walls' median.
     logs = [_log_units(pix[i][not_nuclear], floors[i]) for i in range(c)]
+    which = np.concatenate([np.full(int(m.sum()), k) for k, m in enumerate(tissue)])[not_nuclear]
     lit = [_lit(lv) for lv in logs]
+    lit_w = [_lit(lv, which) for lv in logs] if per_window else lit
     # Two estimates of the walls, each of which can only err low: the channel's own split
     # (it can fall between airspace clipped at the offset and a faint haze above it) and the
     # walls found in DAPI, the same pixels in every channel (where DAPI's walls are lost in
     # the noise, its split finds the dim rims of nuclei instead, where a marker is at the
     # noise). The larger is the walls'; a level too high (positive cells) is the spectral
     # guard's below.
-    walls = lit[dapi]
+    walls, walls_w = lit[dapi], lit_w[dapi]
+    w_ = which if per_window else None
     af = [
         max(
-            float(np.expm1(np.median(lv[m])) * f),
-            float(np.expm1(np.median(lv[walls])) * f) if walls.sum() >= 200 else 0.0,
+            float(np.expm1(_median(lv, m, m_w, w_)) * f),
+            float(np.expm1(_median(lv, walls, walls_w, w_)) * f) if walls.sum() >= 200 else 0.0,
             f,
         )
-        for lv, m, f in zip(logs, lit, floors, strict=True)
+        for lv, m, m_w, f in zip(logs, lit, lit_w, floors, strict=True)
     ]
+    # Where autofluorescence is near zero, the walls are lost in the noise and every estimate
+    # above finds the marker's own positive cells (or DAPI's the rims of nuclei): a HER2
+    # reference 40-160x the drawn autofluorescence. The ordinary nuclei stay HER2-negative
+    # and hold the autofluorescence too (0.5-1.5x it wherever it was measured right): a
+    # reference far above their level is the marker itself, and their level is the reference.
+    # Made before the spectral guard below, which on such a slide reads its ratio off the rims
+    # of dim nuclei and would leave a reference between the two (4x the drawn level).
+    cores = d >= 0.5 * nuclear_dapi
+    settled = set()
+    if cores.sum() >= 200:
+        for i in negative_in_nuclei:
+            host = float(np.expm1(_mode(_log_units(pix[i][cores], floors[i]))) * floors[i])
+            if af[i] > HOST_NUCLEI_MULTIPLE * max(host, floors[i]):
+                af[i] = max(host, floors[i])
+                settled.add(i)
     # Where a marker's positive cells cover much of the tissue (solid tumour), its median is the
     # marker itself. Autofluorescence is broad-band: its ratio to the DAPI channel's is the same
     # in walls, interstitium and airspace, and a positive cell only raises that ratio. The
@@ -230,33 +274,96 @@ def stain_levels(
     # where nuclei are bright their rims make a population of the ratio below the
     # autofluorescence's own (a membrane-only HER2 slide: the reference fell 6x, every
     # ordinary nucleus looked HER2+). They are left out where enough pixels remain.
+    # The ratio is read over the walls both channels call bright, then over DAPI's walls where
+    # the marker stands clear of the noise (in stroma, which has no dark class, a marker's own
+    # bright class can be its positive cells alone: the first reading is theirs).
     for i in range(c):
-        both = lit[i] & lit[dapi]
-        if i == dapi or both.sum() < 200:
+        if i == dapi or i in settled:
             continue
-        v_i = np.maximum(pix[i][not_nuclear][both], floors[i])
-        v_d = np.maximum(pix[dapi][not_nuclear][both], floors[dapi])
-        walls_only = v_d <= RIM_DAPI * af[dapi]
-        if walls_only.sum() >= 200:
-            v_i, v_d = v_i[walls_only], v_d[walls_only]
-        spectral = np.exp(_mode(np.log(v_i / v_d))) * af[dapi]
-        if af[i] > SPECTRAL_GUARD * spectral:
-            af[i] = max(float(spectral), floors[i])
-    # Where autofluorescence is near zero, the walls are lost in the noise and every estimate
-    # above finds the marker's own positive cells (or DAPI's the rims of nuclei): a HER2
-    # reference 40-160x the drawn autofluorescence. The ordinary nuclei stay HER2-negative
-    # and hold the autofluorescence too (0.5-1.5x it wherever it was measured right): a
-    # reference far above their level is the marker itself, and their level is the reference.
-    cores = d >= 0.5 * nuclear_dapi
-    if cores.sum() >= 200:
-        for i in negative_in_nuclei:
-            host = float(np.expm1(_mode(_log_units(pix[i][cores], floors[i]))) * floors[i])
-            if af[i] > HOST_NUCLEI_MULTIPLE * max(host, floors[i]):
-                af[i] = max(host, floors[i])
+        for both in (
+            lit[i] & lit[dapi],
+            lit[dapi] & (pix[i][not_nuclear] >= MEASURED_FLOORS * floors[i]),
+        ):
+            if both.sum() < 200:
+                continue
+            v_i = np.maximum(pix[i][not_nuclear][both], floors[i])
+            v_d = np.maximum(pix[dapi][not_nuclear][both], floors[dapi])
+            walls_only = v_d <= RIM_DAPI * af[dapi]
+            if walls_only.sum() >= 200:
+                v_i, v_d = v_i[walls_only], v_d[walls_only]
+            spectral = np.exp(_mode(np.log(v_i / v_d))) * af[dapi]
+            if af[i] > SPECTRAL_GUARD * spectral:
+                af[i] = max(float(spectral), floors[i])
     nuc = [float(np.percentile(pix[i], 99.0)) for i in range(c)]
     return StainLevels(
         offset=tuple(float(o) for o in offset), autofluorescence=tuple(af), nuclear=tuple(nuc)
     )
+
+
+def _nuclei(window, offset, dapi, nuclear_dapi, negative_in_nuclei, floors) -> np.ndarray:
+    """Nuclear pixels of one window (C, Y, X): DAPI above 0.15 of the nuclear level and, where
+    a channel the nuclei do not carry is given (HER2), more than `NUCLEAR_DAPI_EXCESS` times
+    the DAPI that the tissue's own autofluorescence spectrum predicts from that channel.
+
+    Autofluorescence is broad-band: the ratio of the two channels over the window's faint
+    tissue (airspace haze, walls, interstitium) is the autofluorescence's own, and bright
+    walls keep it (at 5x autofluorescence their DAPI passes the nuclear level), where a
+    nucleus's DAPI stands far above it.
+    """
+    d = window[dapi].astype(np.float32) - np.float32(offset[dapi])
+    bright = d >= 0.15 * nuclear_dapi
+    if not negative_in_nuclei:
+        return bright
+    h_i = negative_in_nuclei[0]
+    h = window[h_i].astype(np.float32) - np.float32(offset[h_i])
+    fd, fh = np.float32(floors[dapi]), np.float32(floors[h_i])
+    faint = ~bright & (d >= fd) & (h >= fh)
+    if faint.sum() < 200:
+        return bright
+    spectrum = _mode(np.log(h[faint] / d[faint]), lowest=False)
+    ratio = np.log(np.maximum(h, fh) / np.maximum(d, fd))
+    excess = ratio < spectrum - np.log(NUCLEAR_DAPI_EXCESS)
+    return bright & excess
+
+
+#: A nuclear pixel's DAPI is more than this many times what the autofluorescence spectrum
+#: predicts (see `_nuclei`).
+NUCLEAR_DAPI_EXCESS = 2.0
+
+
+def _median(lv, m, m_w=None, which=None, min_px: int = 200) -> float:
+    """Median of the log units ``lv[m]`` (the lit class of a pooled split); with `which` (each
+    pixel's window) and `m_w` (the lit class of each window's own split), the median over
+    windows of each window's lit median where at least `MIN_WINDOWS`
+    windows show two measured populations: a dark class of at least `HAZE_FLOORS` floors and
+    a lit class at least `WALLS_OVER_HAZE` times it (airspace haze and walls, which vary
+    together over an uneven section). Elsewhere (dark airspace at the noise, stroma without
+    airspace) the pooled median."""
+    pooled = float(np.median(lv[m]))
+    if which is None:
+        return pooled
+    per_window = []
+    for k in range(int(which.max()) + 1):
+        sel = which == k
+        lit, dark = lv[sel & m_w], lv[sel & ~m_w]
+        if lit.size < min_px or dark.size < min_px:
+            continue
+        lit_med, dark_med = float(np.median(lit)), float(np.median(dark))
+        if dark_med >= np.log1p(HAZE_FLOORS) and lit_med >= dark_med + np.log(WALLS_OVER_HAZE):
+            per_window.append(lit_med)
+    return float(np.median(per_window)) if len(per_window) >= MIN_WINDOWS else pooled
+
+
+#: Window by window estimates need a haze of at least this many floors (counts), walls this
+#: many times brighter, and this many windows (see `_median`).
+HAZE_FLOORS = 2.0
+WALLS_OVER_HAZE = 4.0
+MIN_WINDOWS = 3
+
+
+def _grown(mask: np.ndarray, px: int) -> np.ndarray:
+    """`mask` grown by `px` pixels (as it is for 0)."""
+    return ndi.binary_dilation(mask, iterations=px) if px > 0 else mask
 
 
 def _log_units(values: np.ndarray, floor: float) -> np.ndarray:
@@ -264,9 +371,21 @@ def _log_units(values: np.ndarray, floor: float) -> np.ndarray:
     return np.log1p(np.clip(np.asarray(values, np.float64) / floor, 0, None))
 
 
-def _lit(lv: np.ndarray) -> np.ndarray:
-    """The brighter class of an Otsu split of log intensities (all True when flat)."""
-    return lv > threshold_otsu(lv) if np.ptp(lv) > 0 else np.ones(lv.shape, bool)
+def _lit(lv: np.ndarray, which: np.ndarray | None = None, min_px: int = 2000) -> np.ndarray:
+    """The brighter class of an Otsu split of log intensities (all True when flat); with
+    `which`, split each window (its label in `which`) of at least `min_px` pixels on its own and
+    the others together."""
+    if which is None:
+        return lv > threshold_otsu(lv) if np.ptp(lv) > 0 else np.ones(lv.shape, bool)
+    out = np.zeros(lv.shape, bool)
+    counts = np.bincount(which)
+    small = counts[which] < min_px
+    for k in np.flatnonzero(counts >= min_px):
+        sel = which == k
+        out[sel] = _lit(lv[sel])
+    if small.any():
+        out[small] = _lit(lv[small])
+    return out
 
 
 #: A HER2 reference more than this many times the ordinary nuclei's own HER2 is the marker
@@ -276,6 +395,10 @@ HOST_NUCLEI_MULTIPLE = 10.0
 #: Tissue pixels with DAPI more than this many times the walls' autofluorescence are nuclear
 #: rims, left out of the spectral guard's ratio (see `stain_levels`).
 RIM_DAPI = 2.0
+
+#: A marker at least this many floors (counts) above the offset stands clear of the noise (see
+#: the spectral guard of `stain_levels`).
+MEASURED_FLOORS = 4.0
 
 #: A marker's median over lit tissue this far above its autofluorescence-ratio level means
 #: positive cells dominate it (see `stain_levels`).

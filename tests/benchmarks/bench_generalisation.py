@@ -3,14 +3,14 @@
 Run on demand (never in CI)::
 
     python3 tests/benchmarks/bench_generalisation.py \
-        --models v2=default,v1=models/weights/lungmets_unet_v1.pt --methods classical [--write]
+        --models v4=default,v1=models/weights/lungmets_unet_v1.pt --methods classical [--write]
 
-The shipped network (v2) is itself the leave-family-out model: it was trained with every
-family held out, entirely (HER2 pattern, dynamic range, tissue layout) or beyond a middle range
-(the others); its recipe is in models/weights/MODEL_CARD.md. Any other model can be scored the
-same way (``--models NAME=PATH``; ``lungmets train ... --exclude-families ...`` makes one;
-``NAME=PATH:her2=auto`` runs it with ``--her2-threshold auto``; ``NAME=PATH:af=0`` without the
-autofluorescence check).
+The shipped network (v4, like v2 before it) is itself the leave-family-out model: it was
+trained with every family held out, entirely (HER2 pattern, dynamic range, tissue layout) or
+beyond a middle range (the others); its recipe is in models/weights/MODEL_CARD.md. Any other
+model can be scored the same way (``--models NAME=PATH``; ``lungmets train ...
+--exclude-families ...`` makes one; ``NAME=PATH:her2=auto`` runs it with ``--her2-threshold
+auto``; ``NAME=PATH:af=0`` without the autofluorescence check).
 
 Every held-out case of `histo.synthetic._appearance.FAMILIES` (and the default style, for
 reference) is drawn on infected sections (``--sections N``, 2 by default: IAV 15 and 28 dpi,
@@ -202,7 +202,7 @@ def main() -> None:
         machine_line(),
         "Command: `python3 tests/benchmarks/bench_generalisation.py "
         f"--models {args.models} --methods {args.methods} --sections {args.sections} --write`. "
-        "v2 (shipped) never saw the held-out values (models/weights/MODEL_CARD.md). "
+        "v4 (shipped) and v2 never saw the held-out values (models/weights/MODEL_CARD.md). "
         f"{args.sections} infected sections per case (IAV "
         + ", ".join(str(d) for _, d in SECTIONS[: args.sections])
         + f" dpi, seeds {SEED}+, {FIELD_UM[0]}x{FIELD_UM[1]} um each). Cells: "

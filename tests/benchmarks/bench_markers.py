@@ -60,6 +60,27 @@ def style_sections(sections: list, n: int) -> list:
     return [*sections, *((group, d) for d in MORE_DPI)][:n]
 
 
+def style_slides(data: Path, name: str, n: int, size_px=SIZE_PX) -> list[Path]:
+    """The first `n` sections of style `name` (generated once into `data`)."""
+    k = list(STYLES).index(name)
+    fields, sections = STYLES[name]
+    paths = []
+    for j, (group, dpi) in enumerate(style_sections(sections, n)):
+        path = data / f"style{k:02d}_{j}.ome.tif"
+        if not path.exists():
+            generate_slide(
+                path,
+                size_px=size_px,
+                group=group,
+                dpi=dpi,
+                seed=section_seed(k, j),
+                appearance=Appearance(**fields),
+                labels=False,
+            )
+        paths.append(path)
+    return paths
+
+
 def section_seed(k: int, j: int) -> int:
     """Seed of section `j` of style `k` (the first two as the table always had)."""
     return SEED + 2 * k + j if j < 2 else SEED + 1000 + 10 * k + j
@@ -112,21 +133,8 @@ def main() -> None:
         args.data = args.data / args.size
     args.data.mkdir(parents=True, exist_ok=True)
     rows = []
-    for k, (name, (fields, sections)) in enumerate(STYLES.items()):
-        paths = []
-        for j, (group, dpi) in enumerate(style_sections(sections, args.sections)):
-            path = args.data / f"style{k:02d}_{j}.ome.tif"
-            if not path.exists():
-                generate_slide(
-                    path,
-                    size_px=size_px,
-                    group=group,
-                    dpi=dpi,
-                    seed=section_seed(k, j),
-                    appearance=Appearance(**fields),
-                    labels=False,
-                )
-            paths.append(path)
+    for name in STYLES:
+        paths = style_slides(args.data, name, args.sections, size_px)
         truths = [load_truth(p) for p in paths]
         # One analysis per slide: the detector's calls, and from the same cells the calls
         # of the slide's calibrated threshold (what `lungmets rethreshold --ki67-threshold

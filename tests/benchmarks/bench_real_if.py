@@ -59,7 +59,7 @@ under /work/.mirror, from which ``prepare`` takes the files above at their commi
     # or, with every other benchmark: run_all.py --real-data /work (reads /work/real_if_data)
 
 ``table`` scores each field x marker (HER2 and pan-cytokeratin in the HER2 role) with the shipped
-network (v2), v1 and the classical detector, and writes the section ``bench_real_if`` of
+network (v4), v2, v1 and the classical detector, and writes the section ``bench_real_if`` of
 BENCHMARKS.md. One row by hand, e.g. on your own data::
 
     python3 tests/benchmarks/bench_real_if.py run --header --name dcis_2203 \
@@ -660,7 +660,8 @@ def table_fields(data: Path) -> list[dict]:
 
 #: Detectors of the table: name, method, AnalysisConfig fields.
 DETECTORS = (
-    ("v2", "unet", {}),
+    ("v4", "unet", {}),
+    ("v2", "unet", {"model_path": "models/weights/lungmets_unet_v2.pt"}),
     ("v1", "unet", {"model_path": "models/weights/lungmets_unet_v1.pt"}),
     ("classical", "classical", {}),
 )
@@ -786,7 +787,7 @@ def main(argv=None) -> None:
 
     tb = sub.add_parser("table", help="score every row of the published table")
     tb.add_argument("--data", required=True, help="the folder `prepare` wrote")
-    tb.add_argument("--detectors", default="", help="comma list of v2,v1,classical")
+    tb.add_argument("--detectors", default="", help="comma list of v4,v2,v1,classical")
     tb.add_argument("--threads", type=int, default=1)
     tb.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     tb.set_defaults(func=cmd_table)

@@ -42,12 +42,15 @@ HERE = Path(__file__).parent
 README = ROOT / "README.md"
 MODEL_CARD = ROOT / "models" / "weights" / "MODEL_CARD.md"
 MODEL_CARD_V1 = ROOT / "models" / "weights" / "MODEL_CARD_v1.md"
+MODEL_CARD_V2 = ROOT / "models" / "weights" / "MODEL_CARD_v2.md"
 #: The documents whose quoted figures run_all writes.
-DOCUMENTS = [README, MODEL_CARD, MODEL_CARD_V1]
-MODEL_JSON = ROOT / "models" / "weights" / "lungmets_unet_v2.json"
-MODEL_PT = ROOT / "models" / "weights" / "lungmets_unet_v2.pt"
+DOCUMENTS = [README, MODEL_CARD, MODEL_CARD_V1, MODEL_CARD_V2]
+MODEL_JSON = ROOT / "models" / "weights" / "lungmets_unet_v4.json"
+MODEL_PT = ROOT / "models" / "weights" / "lungmets_unet_v4.pt"
 V1_JSON = ROOT / "models" / "weights" / "lungmets_unet_v1.json"
 V1_PT = "models/weights/lungmets_unet_v1.pt"
+V2_JSON = ROOT / "models" / "weights" / "lungmets_unet_v2.json"
+V2_PT = "models/weights/lungmets_unet_v2.pt"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class Bench:
     note: str = field(default="")
 
 
-_GEN_MODELS = f"v2=default,v1={V1_PT},v2-her2auto=default:her2=auto,v2-no-af-check=default:af=0"
+_GEN_MODELS = (
+    f"v4=default,v2={V2_PT},v1={V1_PT},v4-her2auto=default:her2=auto,v4-no-af-check=default:af=0"
+)
 
 #: Every benchmark whose output is published, in the order run_all runs them.
 BENCHES: list[Bench] = [
@@ -109,8 +114,8 @@ BENCHES: list[Bench] = [
     Bench(
         "model-speed",
         "bench_model_speed.py",
-        ["--models", f"v1={V1_PT},v2=default", "--size", "8192x6144", "--repeat", "2"],
-        ["--models", f"v1={V1_PT},v2=default", "--size", "2048x1536", "--repeat", "1"],
+        ["--models", f"v1={V1_PT},v4=default", "--size", "8192x6144", "--repeat", "2"],
+        ["--models", f"v1={V1_PT},v4=default", "--size", "2048x1536", "--repeat", "1"],
         ("bench_model_speed",),
     ),
     Bench(
@@ -123,10 +128,25 @@ BENCHES: list[Bench] = [
     Bench(
         "model-validation",
         "bench_model_validation.py",
-        ["--models", "v1,v2", "--record"],
-        ["--models", "v2", "--slides", "1"],
+        ["--models", "v1,v2,v4", "--record"],
+        ["--models", "v4", "--slides", "1"],
         ("bench_model_validation",),
         note="full: records the validation blocks of the shipped models' JSON",
+    ),
+    Bench(
+        "reference-levels",
+        "bench_reference_levels.py",
+        ["--sections", "6"],
+        [
+            "--sections",
+            "1",
+            "--data",
+            "/tmp/lungmets_generalisation_quick",
+            "--markers-data",
+            "/tmp/lungmets_markers_quick",
+        ],
+        ("bench_reference_levels",),
+        note="the reference levels against the autofluorescence drawn",
     ),
     Bench(
         "generalisation",
@@ -134,7 +154,7 @@ BENCHES: list[Bench] = [
         ["--models", _GEN_MODELS, "--methods", "classical", "--sections", "2"],
         [
             "--models",
-            "v2=default,v2-no-af-check=default:af=0",
+            "v4=default,v4-no-af-check=default:af=0",
             "--methods",
             "",
             "--sections",
@@ -150,10 +170,10 @@ BENCHES: list[Bench] = [
     Bench(
         "generalisation-6",
         "bench_generalisation.py",
-        ["--models", "v2=default", "--methods", "", "--sections", "6"],
+        ["--models", "v4=default", "--methods", "", "--sections", "6"],
         [
             "--models",
-            "v2=default",
+            "v4=default",
             "--methods",
             "",
             "--sections",
@@ -258,6 +278,7 @@ class Figures:
         self.text = Path(benchmarks_md).read_text()
         self.model = json.loads(MODEL_JSON.read_text())
         self.v1 = json.loads(V1_JSON.read_text())
+        self.v2 = json.loads(V2_JSON.read_text())
 
     def table(self, key: str, index: int = 0) -> list[dict[str, str]]:
         found = tables(section(self.text, key))
@@ -340,11 +361,12 @@ def q_screen_time(f: Figures) -> str:
 
 
 def _liver_precision(f: Figures) -> tuple[float, float]:
-    """v2's cell precision on liver-like tissue without and with the autofluorescence check."""
+    """The shipped network's cell precision on liver-like tissue without and with the
+    autofluorescence check."""
     case = "layout: layout=liver"
     return (
-        _generalisation_cells(f, case, "v2-no-af-check")[0],
-        _generalisation_cells(f, case, "v2")[0],
+        _generalisation_cells(f, case, "v4-no-af-check")[0],
+        _generalisation_cells(f, case, "v4")[0],
     )
 
 
@@ -370,7 +392,23 @@ def q_card_training_time(f: Figures) -> str:
 
 
 def q_card_operating_point(f: Figures) -> str:
-    cal = f.model["centre_threshold_calibration"]
+    return _operating_point(f.model)
+
+
+def q_v2_operating_point(f: Figures) -> str:
+    return _operating_point(f.v2)
+
+
+def q_v2_training_time(f: Figures) -> str:
+    return f"{f.v2['history']['seconds'] / 60:.0f} min"
+
+
+def q_v2_validation(f: Figures) -> str:
+    return _validation_table(f.v2["validation"])
+
+
+def _operating_point(model: dict) -> str:
+    cal = model["centre_threshold_calibration"]
     t = f"{cal['centre_threshold']:g}"
     med, mean = cal["f1"], cal["f1_mean"]
     others = [k for k in med if k != t]
@@ -489,6 +527,9 @@ QUOTES = {
     "card_validation": q_card_validation,
     "cohort": q_cohort,
     "v1_validation": q_v1_validation,
+    "v2_operating_point": q_v2_operating_point,
+    "v2_training_time": q_v2_training_time,
+    "v2_validation": q_v2_validation,
 }
 
 _REGION = re.compile(r"<!-- figure:([a-z0-9_]+) -->(.*?)<!-- /figure:\1 -->", re.S)

@@ -176,9 +176,10 @@ def test_pixels_coarser_than_twice_the_model_are_refused_with_a_clear_error():
 
 def test_a_her2_negative_population_on_dark_tissue_is_not_counted(tmp_path):
     """Autofluorescence at 0.05x, bench_generalisation's third section of that case (9 dpi,
-    seed 92102): the network called 31 proliferating immune nuclei HER2+ (their HER2 that of
-    the ordinary nuclei, 1-4x the reference) beside 20 cancer cells at 24x and more. They form
-    a population of their own, below an empty 16-fold gap, and are not counted."""
+    seed 92102): at analysis revision 6 v2 called 31 proliferating immune nuclei HER2+ (their
+    HER2 that of the ordinary nuclei, 1-4x the reference) beside 20 cancer cells at 24x and
+    more. With revision 7's reference levels v4 calls 2 (measured), still a population of their
+    own below an empty gap (32-fold), and not counted."""
     s = generate_slide(
         tmp_path / "dark9.ome.tif",
         size_px=(2048, 1536),
@@ -193,7 +194,7 @@ def test_a_her2_negative_population_on_dark_tissue_is_not_counted(tmp_path):
     with_check = evaluate_cells(checked.cells, s.cells)
     without = evaluate_cells(unchecked.cells, s.cells)
     assert len(s.cells) >= 15
-    assert without["precision"] < 0.6, without
+    assert without["precision"] < with_check["precision"], (without, with_check)
     assert with_check["precision"] >= 0.95 and with_check["recall"] >= 0.95, with_check
     population = checked.summary["markers"]["HER2"]["negative_population"]
     assert population["removed"] == len(unchecked.cells) - len(checked.cells) > 0

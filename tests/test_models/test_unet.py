@@ -258,13 +258,15 @@ def test_shipped_model_matches_its_published_accuracy_on_the_held_out_slide(held
 
 
 def test_the_accuracy_test_fails_a_slightly_degraded_model(held_out, tmp_path):
-    """The shipped weights with the cell-centre output lowered by 1.5 logits: a model that
-    misses about 1 cell in 11 (measured: recall 0.909, F1 0.952, count -9%, lesion F1 1.000),
-    which the former bounds (F1 >= 0.9, count within 10%, lesion F1 >= 0.85) let through."""
+    """The shipped weights with the cell-centre output lowered by 2.1 logits: a model that
+    misses about 1 cell in 15 (measured with v4: recall 0.932, F1 0.965, count -7%, lesion F1
+    1.000), which the former bounds (F1 >= 0.9, count within 10%, lesion F1 >= 0.85) let
+    through. (v4's centre peaks stand further above its operating point than v2's: lowered by
+    1.5, as for v2, it still finds every cell; by 2.5 it misses half.)"""
     from models import DEFAULT_MODEL
 
     state = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
-    state["head.bias"] = state["head.bias"] - torch.tensor([0.0, 1.5, 0.0])  # cell, centre, Ki67
+    state["head.bias"] = state["head.bias"] - torch.tensor([0.0, 2.1, 0.0])  # cell, centre, Ki67
     path = tmp_path / "degraded.pt"
     torch.save(state, path)
     cfg = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
