@@ -205,7 +205,7 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
             "is the right file and that --channels names the DAPI and HER2 channels"
         )
     # Stain levels from windows of tissue at about 1 um/px.
-    fds, windows, tissue = _stain_windows(slide, mask, ds, with_tissue=True)
+    fds, windows, tissue = _stain_windows(slide, mask, ds)
     unit = None
     if not np.issubdtype(low.dtype, np.integer):
         # Float data: about half the glass noise of the windows' level plays a camera count
@@ -224,12 +224,10 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
     return mask, mask_px, stain
 
 
-def _stain_windows(
-    slide, mask: np.ndarray, mask_downsample: float, n: int = 24, *, with_tissue: bool = False
-):
-    """``(downsample, windows)``: `n` windows of 128 x 128 px of tissue (spread over `mask`)
-    from the level nearest 1 um/px, and that level's downsample; with `with_tissue`, also each
-    window's tissue mask (`mask` at the window's pixels: what lies outside is glass)."""
+def _stain_windows(slide, mask: np.ndarray, mask_downsample: float, n: int = 24):
+    """``(downsample, windows, tissue)``: `n` windows of 128 x 128 px of tissue (spread over
+    `mask`) from the level nearest 1 um/px, that level's downsample, and each window's tissue
+    mask (`mask` at the window's pixels: what lies outside is glass)."""
     fine = slide.level_for_pixel_size(1.0)
     fds = slide.downsamples[fine]
     fy, fx = slide.levels[fine].shape[1:]
@@ -241,14 +239,13 @@ def _stain_windows(
         y0, x0 = max(0, min(y - half, fy - 2 * half)), max(0, min(x - half, fx - 2 * half))
         w = slide.read_region(fine, y0, min(fy, y0 + 2 * half), x0, min(fx, x0 + 2 * half))
         windows.append(w)
-        if with_tissue:
-            scale = fds / mask_downsample
-            rows = ((np.arange(y0, y0 + w.shape[1]) + 0.5) * scale).astype(int)
-            cols = ((np.arange(x0, x0 + w.shape[2]) + 0.5) * scale).astype(int)
-            tissue.append(
-                mask[np.ix_(rows.clip(0, mask.shape[0] - 1), cols.clip(0, mask.shape[1] - 1))]
-            )
-    return (fds, windows, tissue) if with_tissue else (fds, windows)
+        scale = fds / mask_downsample
+        rows = ((np.arange(y0, y0 + w.shape[1]) + 0.5) * scale).astype(int)
+        cols = ((np.arange(x0, x0 + w.shape[2]) + 0.5) * scale).astype(int)
+        tissue.append(
+            mask[np.ix_(rows.clip(0, mask.shape[0] - 1), cols.clip(0, mask.shape[1] - 1))]
+        )
+    return fds, windows, tissue
 
 
 def marker_thresholds(
@@ -293,7 +290,7 @@ def marker_thresholds(
     )
 
     ds = mask_pixel_size_um / slide.pixel_size_um
-    fds, windows = _stain_windows(slide, mask, ds, n=48)
+    fds, windows, _ = _stain_windows(slide, mask, ds, n=48)
     d = slide.roles["DAPI"]
     offset = np.asarray(stain.offset, np.float64)
     px_um = slide.pixel_size_um * fds
