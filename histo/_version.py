@@ -13,4 +13,7 @@ __version__ = "0.1.0"
 #: (`histo.markers.negative_population`). 7: the reference levels leave glass and the rims of
 #: nuclei out, tell nuclei from bright walls by their DAPI excess and split uneven tissue window
 #: by window (`histo.tissue.stain_levels`: bright autofluorescence gave the haze, 7-16x low).
-ANALYSIS_REVISION = 7
+#: 8: the Ki67 threshold from the cancer cells' own populations stays above the slide's
+#: negatives and needs an upper population above them (`histo.markers.calibrate_threshold`);
+#: a HER2-negative population may also be one its autofluorescence explains.
+ANALYSIS_REVISION = 8

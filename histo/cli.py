@@ -327,6 +327,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             method=args.method,
             chunk_size_px=args.chunk_size,
             device=args.device,
+            runtime=args.runtime,
             screen=args.screen,
             model_path=None if args.model is None else str(args.model),
             ki67_threshold=args.ki67_threshold,
@@ -771,6 +772,13 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         metavar="DEVICE",
         help="where the network runs: auto, cpu, cuda, cuda:N, mps (default: %(default)s; "
         "an absent GPU falls back to the CPU with a message)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch"),
+        default=_DEFAULTS.runtime,
+        help="what runs the network on the CPU: auto (ONNX Runtime where the model ships an "
+        "ONNX export, else PyTorch) or torch; the same cells either way (default: %(default)s)",
     )
     parser.add_argument(
         "--model",

@@ -43,6 +43,10 @@ class AnalysisConfig:
         How far around a passing nucleus the network looks.
     torch_threads : int
         CPU threads of the network per task (0: all cores divided among the parallel tasks).
+    runtime : str
+        What runs the network on the CPU: "auto" (ONNX Runtime with the model's ONNX export
+        where both are there, else PyTorch; `models.runtime`) or "torch" (always PyTorch).
+        The same cells either way.
     chunk_size_px : int
         Side of the square core of a chunk, in level-0 pixels.
     halo_px : int
@@ -113,6 +117,7 @@ class AnalysisConfig:
     screen_autofluorescence_ratio: float = 0.5
     screen_margin_um: float = 8.0
     torch_threads: int = 0
+    runtime: str = "auto"
     chunk_size_px: int = 2048
     halo_px: int = 64
     tissue_pixel_size_um: float = 8.0
@@ -153,6 +158,8 @@ class AnalysisConfig:
                 "her2_min_over_autofluorescence must be >= 0 (0: no check), got "
                 f"{self.her2_min_over_autofluorescence!r}"
             )
+        if self.runtime not in ("auto", "torch"):
+            raise ValueError(f"runtime must be 'auto' or 'torch', got {self.runtime!r}")
         for name, words in (
             ("ki67_threshold", ("auto", "detector")),
             ("her2_threshold", ("auto", "off")),

@@ -246,7 +246,7 @@ def detect_cells_unet(
 
     def run(loaded, batch_size):
         return predict_maps(
-            loaded.fast_net,
+            loaded.inference_net(config.torch_threads, config.runtime),
             x,
             loaded.device,
             screen=screen,

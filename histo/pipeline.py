@@ -424,8 +424,11 @@ def _negative_population_check(config, cells):
 
     if len(cells) == 0 or "her2_ratio" not in cells:
         return cells, {"min_gap": float(config.her2_min_population_gap), "removed": 0}
+    af = cells["her2_af_ratio"].to_numpy(np.float64) if "her2_af_ratio" in cells else None
     negative, info = negative_population(
-        cells["her2_ratio"].to_numpy(np.float64), min_gap=config.her2_min_population_gap
+        cells["her2_ratio"].to_numpy(np.float64),
+        min_gap=config.her2_min_population_gap,
+        af_ratio=af,
     )
     if negative.any():
         log.info(

@@ -12,12 +12,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "lungmets_unet_v4.pt"
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "model_config"]
+
+_RUNNERS_LOCK = threading.Lock()
 
 
 class LoadedModel:
@@ -28,6 +31,7 @@ class LoadedModel:
         self.config = config
         self.path = path
         self.device = device
+        self._runners: dict = {}
 
     @functools.cached_property
     def fast_net(self):
@@ -36,6 +40,23 @@ class LoadedModel:
         from .infer import fast_inference_net
 
         return fast_inference_net(self.net)
+
+    def inference_net(self, threads: int = 0, runtime: str = "auto"):
+        """The network to run forward passes with: on the CPU, ONNX Runtime's session of the
+        model's ONNX export where it has one (`models.runtime`; `threads` per pass, 0: one
+        per core), else the fused PyTorch network (`fast_net`, also on a GPU or with
+        ``runtime="torch"``). Sessions are built once per thread count."""
+        if runtime not in ("auto", "torch"):
+            raise ValueError(f"runtime must be 'auto' or 'torch', got {runtime!r}")
+        if runtime == "torch" or self.device.type != "cpu":
+            return self.fast_net
+        from .runtime import OnnxNet, onnx_file
+
+        with _RUNNERS_LOCK:
+            if threads not in self._runners:
+                path = onnx_file(self.path, self.config)
+                self._runners[threads] = self.fast_net if path is None else OnnxNet(path, threads)
+            return self._runners[threads]
 
     @property
     def sha256(self) -> str:

@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from scipy.special import expit
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,8 @@ def predict_maps(
     the network together, `batch_size` at a time.
     Runs under `torch.inference_mode`, with autocast (float16) on CUDA; with `channels_last`
     the batches are handed over in channels-last memory order (for `fast_inference_net`).
+    `model` may also be an ONNX Runtime network (`models.runtime.OnnxNet`), given numpy
+    batches.
     """
     import torch
 
@@ -328,12 +331,16 @@ def predict_maps(
             batch = np.stack(
                 [xp[:, y0 : y1 + 2 * margin, x0 : x1 + 2 * margin] for y0, y1, x0, x1 in group]
             )
-            t = torch.from_numpy(batch).to(device)
-            if channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type="cuda", enabled=use_amp):
-                logits = model(t)
-            prob = torch.sigmoid(logits.float()).cpu().numpy()
+            if getattr(model, "runs_numpy", False):  # ONNX Runtime (`models.runtime`)
+                logits = model.run(batch)
+                prob = expit(logits.astype(np.float32, copy=False))
+            else:
+                t = torch.from_numpy(batch).to(device)
+                if channels_last:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type="cuda", enabled=use_amp):
+                    logits = model(t)
+                prob = torch.sigmoid(logits.float()).cpu().numpy()
             for (y0, y1, x0, x1), p in zip(group, prob, strict=True):
                 y1, x1 = min(y1, h), min(x1, w)
                 out[:, y0:y1, x0:x1] = p[:, margin : margin + y1 - y0, margin : margin + x1 - x0]

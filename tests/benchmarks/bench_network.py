@@ -6,7 +6,8 @@ Run on demand (never in CI)::
 
 On one generated slide (infected, dpi 15): the time to decode its full-resolution level once
 (the floor), then ``lungmets run --method unet`` dense (``--no-screen``) and screened
-(``--screen``, the default), and the classical detector for reference, each in its own
+(``--screen``, the default; and screened with ``--runtime torch``, PyTorch instead of ONNX
+Runtime), and the classical detector for reference, each in its own
 process (wall time and peak memory), `--repeats` times in a rotating order (no method always
 runs first, on a cold disk cache, or last); medians are reported. Throughput is megapixels of
 tissue (level 0) per second. The screened lesion table is compared with the dense one
@@ -141,6 +142,7 @@ def main() -> None:
     methods = [
         ("unet dense", ["--method", "unet", "--no-screen"]),
         ("unet screened", ["--method", "unet", "--screen"]),
+        ("unet screened, PyTorch", ["--method", "unet", "--screen", "--runtime", "torch"]),
         ("classical", ["--method", "classical"]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,6 +190,10 @@ def main() -> None:
     same = sorted(zip(scr_les["n_cells"], scr_les["class"], strict=True)) == sorted(
         zip(dense_les["n_cells"], dense_les["class"], strict=True)
     )
+    torch_les = runs["unet screened, PyTorch"][1]
+    same_runtime = sorted(zip(scr_les["n_cells"], scr_les["class"], strict=True)) == sorted(
+        zip(torch_les["n_cells"], torch_les["class"], strict=True)
+    )
     lines = [
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_network.py --size {args.size} --repeats "
@@ -211,6 +217,11 @@ def main() -> None:
         f"kept (centroids within 1 um); lesion table (cells and class of each lesion) "
         f"{'identical' if same else 'DIFFERENT'}; speed-up "
         f"{med('unet dense')[0] / med('unet screened')[0]:.2f}x.",
+        "",
+        "The network's forward passes run in ONNX Runtime by default on the CPU "
+        "(`models.runtime`); with `--runtime torch` in PyTorch: lesion table "
+        f"{'identical' if same_runtime else 'DIFFERENT'}, ONNX Runtime "
+        f"{med('unet screened, PyTorch')[0] / med('unet screened')[0]:.2f}x faster.",
         "",
         f"Time per 1,000 HER2+ cells (screened run, {args.size}, one run each):",
         "",

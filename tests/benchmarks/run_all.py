@@ -194,6 +194,18 @@ BENCHES: list[Bench] = [
         ("bench_markers",),
         note="six sections per style: dormant cells in the tens",
     ),
+    *(
+        Bench(
+            f"markers-seed{seed}",
+            "bench_markers.py",
+            ["--size", "2048x2048", "--sections", "6", "--seed", str(seed)],
+            ["--size", "768x768", "--seed", str(seed)],
+            (f"bench_markers_seed{seed}",),
+            note=f"the same styles on other sections (seeds {seed}+): "
+            + ("where the calibration's constants were chosen" if seed == 96000 else "a check"),
+        )
+        for seed in (96000, 98000)
+    ),
     Bench(
         "teach",
         "bench_teach.py",

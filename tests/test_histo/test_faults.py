@@ -211,7 +211,9 @@ def test_a_gpu_out_of_memory_fallback_is_in_the_summary_and_the_cli_table(
 
     monkeypatch.setattr(torch, "sigmoid", sigmoid_out_of_memory_once)
     out = tmp_path / "out"
-    assert main(["run", str(small.path), "--out", str(out), "--chunk-size", "512"]) == 0
+    # PyTorch's path: the one a GPU runs (on the CPU ONNX Runtime runs by default).
+    args = ["run", str(small.path), "--out", str(out), "--chunk-size", "512"]
+    assert main([*args, "--runtime", "torch"]) == 0
     summary = json.loads((out / "lung_c" / "summary.json").read_text())
     (note,) = summary["fallbacks"]
     assert note.startswith("GPU out of memory with batch") and "(1 of" in note

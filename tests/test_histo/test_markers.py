@@ -84,6 +84,38 @@ def test_the_cells_own_two_populations_decide_where_the_slide_shows_none():
     assert np.mean((cells >= t.threshold) == truth) >= 0.97
 
 
+def test_the_cells_crossing_stays_above_the_slides_negatives():
+    """Non-specific nuclear Ki67 background (bench_markers' 0.2-background section): a few
+    dozen cancer cells, the negatives' lower half packed tight (EM narrows it to almost
+    nothing), their upper half reaching up to the positives; the slide's own negative
+    nuclei, one population, centre above most of the cells' negatives. The cells' crossing
+    alone falls below the slide's negative centre; the threshold must not."""
+    rng = np.random.default_rng(7)
+    nuclei = rng.lognormal(np.log(850), 0.28, 1800)
+    negative_cells = np.r_[rng.lognormal(np.log(480), 0.04, 14), rng.uniform(550, 1000, 9)]
+    positive_cells = rng.lognormal(np.log(1700), 0.4, 29)
+    cells = np.r_[negative_cells, positive_cells]
+    t = calibrate_threshold(np.r_[nuclei, cells], cells=cells, unit=50.0)
+    assert t.method == "two populations of the cells"
+    # Not below the slide's negative centre, where it calls 5 of the 52 cells wrongly; the
+    # cells' crossing alone (563 counts) called all 9 negatives of the upper half positive.
+    assert t.threshold >= t.negative_median - 1e-6
+    truth = np.r_[np.zeros(len(negative_cells), bool), np.ones(len(positive_cells), bool)]
+    assert ((cells >= t.threshold) != truth).sum() <= 5
+
+
+def test_two_populations_of_negative_cells_are_not_a_positive_one():
+    """A PBS section without a Ki67+ cancer cell: the cells' Ki67 makes two populations (dim
+    nuclei and ordinary ones), both below the slide's negative nuclei; no cell is positive."""
+    rng = np.random.default_rng(11)
+    nuclei = np.r_[rng.lognormal(np.log(121 + 25), 0.26, 2000), rng.lognormal(np.log(900), 0.3, 40)]
+    cells = np.r_[rng.lognormal(np.log(9 + 25), 0.05, 10), rng.lognormal(np.log(52 + 25), 0.3, 15)]
+    cells = cells - 25
+    t = calibrate_threshold(np.r_[nuclei - 25, cells], cells=cells, unit=25.0)
+    assert t.method != "two populations of the cells"
+    assert not (cells >= t.threshold).any()
+
+
 def test_too_few_nuclei_is_an_error_not_a_guess():
     with pytest.raises(ValueError, match="at least 20"):
         calibrate_threshold(np.arange(5.0))
@@ -359,6 +391,23 @@ def test_a_separate_population_at_the_negative_level_is_found_and_a_continuum_is
     with_nan = np.r_[ratio, np.nan]
     assert negative_population(with_nan, min_gap=4.0)[0].sum() == 30
     assert not negative_population(with_nan, min_gap=4.0)[0][-1]
+
+
+def test_a_lower_population_its_autofluorescence_explains_is_negative():
+    """Near-zero autofluorescence: the HER2 reference is a few counts of noise, and unstained
+    nuclei the network took measure 2-5x it, but no more than twice what their own
+    autofluorescence gives; far below the HER2+ cells, they are a negative population."""
+    rng = np.random.default_rng(12)
+    low = np.exp(rng.normal(np.log(2.8), 0.3, 12))
+    bright = np.exp(rng.normal(np.log(200.0), 0.5, 54))
+    ratio = np.r_[low, bright]
+    af = np.r_[np.exp(rng.normal(np.log(1.6), 0.2, 12)), np.full(54, 300.0)]
+    assert not negative_population(ratio, min_gap=4.0)[0].any()  # 2.8x: above max_ratio
+    negative, info = negative_population(ratio, min_gap=4.0, af_ratio=af)
+    assert negative[:12].all() and not negative[12:].any()
+    # Dim HER2+ cells whose HER2 stands well above their autofluorescence stay.
+    dim_af = np.r_[np.full(12, 6.0), np.full(54, 300.0)]
+    assert not negative_population(ratio, min_gap=4.0, af_ratio=dim_af)[0].any()
 
 
 def test_a_lower_population_above_the_negative_level_or_under_too_few_cells_stays():

@@ -327,6 +327,55 @@ def test_crops_cover_every_screened_pixel_on_the_pooling_grid():
     assert crop_boxes(np.zeros((50, 50), bool)) == []
 
 
+def test_onnx_runtime_and_pytorch_give_identical_cells(held_out):
+    """The shipped model's ONNX export, run by ONNX Runtime (the CPU default), against the
+    network as trained, on a whole generated slide through the pipeline."""
+    from models.runtime import OnnxNet
+
+    model = load_model(None, "cpu")
+    assert isinstance(model.inference_net(1), OnnxNet)
+    assert model.inference_net(1, "torch") is model.fast_net
+    config = AnalysisConfig(torch_threads=1)
+    fast = analyze_slide(held_out.path, config)
+    ref = analyze_slide(held_out.path, config.replace(runtime="torch"))
+    assert len(ref.cells) >= 30
+    assert len(fast.cells) == len(ref.cells)
+    np.testing.assert_allclose(
+        fast.cells[["x_um", "y_um"]].to_numpy(), ref.cells[["x_um", "y_um"]].to_numpy(), atol=0.01
+    )
+    np.testing.assert_array_equal(fast.cells["ki67_pos"], ref.cells["ki67_pos"])
+    assert fast.lesions["class"].tolist() == ref.lesions["class"].tolist()
+    assert fast.lesions["n_cells"].tolist() == ref.lesions["n_cells"].tolist()
+
+
+def test_an_onnx_export_that_does_not_belong_to_the_tensors_is_not_used(tmp_path, caplog):
+    """A user's copy whose export was altered, or whose tensors are not the exported ones,
+    runs in PyTorch (with a warning for the altered file): never the wrong network."""
+    from models.runtime import OnnxNet
+
+    def copy(folder, **onnx):
+        folder.mkdir()
+        for suffix in (".pt", ".json", ".onnx"):
+            shutil.copy(DEFAULT_MODEL.with_suffix(suffix), folder / f"m{suffix}")
+        cfg = json.loads((folder / "m.json").read_text())
+        cfg["onnx"].update(file="m.onnx", **onnx)
+        (folder / "m.json").write_text(json.dumps(cfg))
+        return folder / "m.pt"
+
+    assert isinstance(load_model(copy(tmp_path / "intact")).inference_net(1), OnnxNet)
+    altered = copy(tmp_path / "altered")
+    with open(altered.with_suffix(".onnx"), "r+b") as f:  # one byte changed
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 1]))
+    with caplog.at_level("WARNING"):
+        net = load_model(altered).inference_net(1)
+    assert not isinstance(net, OnnxNet) and "checksum does not match" in caplog.text
+    other = copy(tmp_path / "other", exported_from="0" * 64)
+    assert not isinstance(load_model(other).inference_net(1), OnnxNet)
+
+
 def test_fast_and_reference_networks_give_identical_cells(held_out):
     """The fused, channels-last copy the pipeline runs (`fast_inference_net`) against the
     network as trained, on a generated slide at the model's resolution."""
