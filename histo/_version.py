@@ -15,5 +15,7 @@ __version__ = "0.1.0"
 #: by window (`histo.tissue.stain_levels`: bright autofluorescence gave the haze, 7-16x low).
 #: 8: the Ki67 threshold from the cancer cells' own populations stays above the slide's
 #: negatives and needs an upper population above them (`histo.markers.calibrate_threshold`);
-#: a HER2-negative population may also be one its autofluorescence explains.
-ANALYSIS_REVISION = 8
+#: a HER2-negative population may also be one its autofluorescence explains. 9: the screen
+#: takes a nucleus for a macrophage only where its band outshines it in Ki67
+#: (`histo.network.MACROPHAGE_OVER_NUCLEUS`: HER2 bleeding into Ki67 lost foci).
+ANALYSIS_REVISION = 9

@@ -41,7 +41,9 @@ STAGES = [
     ("input at model resolution", ("models/infer.py", "to_model_input")),
     ("screen", ("histo/network.py", "screen_mask")),
     ("network: tiling and batches", ("models/infer.py", "predict_maps")),
-    ("network forward", ("models/unet.py", "forward")),
+    # PyTorch's forward, or ONNX Runtime's session (`models.runtime.OnnxNet.run`, the CPU
+    # default).
+    ("network forward", (("models/unet.py", "forward"), ("models/runtime.py", "run"))),
     ("peaks (cells from maps)", ("models/infer.py", "cells_from_maps")),
     ("cell regions (watershed)", ("skimage/segmentation/_watershed.py", "watershed")),
     ("measurements", None),
@@ -134,7 +136,8 @@ def profile_slide(path: Path, method: str, out: Path):
     stages = {}
     for stage, where in STAGES:
         if where is not None:
-            stages[stage] = _cumulative(stats, *where)
+            places = where if isinstance(where[0], tuple) else (where,)
+            stages[stage] = sum(_cumulative(stats, *w) for w in places)
     if method == "unet":
         inner = (
             "input at model resolution",

@@ -75,9 +75,9 @@ def test_screen_skips_red_blood_cells_and_macrophages_and_keeps_dim_cells():
     # A dim cancer cell: a nucleus (a quarter of the nuclear level) in a ring of HER2 at 2x.
     ratio[0][_disc(shape, 96, 96, 5)] = 0.25 * nuclear
     ratio[1][_disc(shape, 96, 96, 5, 8)] = 2.0
-    # A macrophage: a pale nucleus in granules bright in HER2 and Ki67 alike.
+    # A macrophage: a pale, Ki67-negative nucleus among granules bright in HER2 and Ki67 alike.
     ratio[1][_disc(shape, 30, 96, 9)] = 4.0
-    ratio[2][_disc(shape, 30, 96, 9)] = 5.0
+    ratio[2][_disc(shape, 30, 96, 4, 9)] = 5.0
     ratio[0][_disc(shape, 30, 96, 4)] = 0.2 * nuclear
     x = np.concatenate([np.log1p(ratio), np.ones((1, *shape), np.float32)])
     mask = screen_mask(x, AnalysisConfig(), nuclear_ratio=nuclear)
@@ -90,6 +90,13 @@ def test_screen_skips_red_blood_cells_and_macrophages_and_keeps_dim_cells():
     faint[2] = 1.3
     xf = np.concatenate([np.log1p(faint), np.ones((1, *shape), np.float32)])
     assert screen_mask(xf, AnalysisConfig(), nuclear_ratio=nuclear)[96, 96]
+    # Granules as bright in Ki67 over the nucleus as around it: the band does not outshine the
+    # nucleus, as around a cancer cell whose HER2 shows through the Ki67 filter; it is looked at
+    # (the network decides, as in a dense pass).
+    over = ratio.copy()
+    over[2][_disc(shape, 30, 96, 9)] = 5.0
+    xo = np.concatenate([np.log1p(over), np.ones((1, *shape), np.float32)])
+    assert screen_mask(xo, AnalysisConfig(), nuclear_ratio=nuclear)[30, 96]
     # Without Ki67 a macrophage cannot be told from a cancer cell: it is looked at.
     x[2:] = 0
     assert screen_mask(x, AnalysisConfig(), nuclear_ratio=nuclear)[30, 96]
@@ -552,24 +559,32 @@ def test_a_lung_without_cancer_cells_gives_empty_tables(tmp_path, method):
     assert {"x_um", "y_um", "her2_mean", "ki67_pos"} <= set(r.cells.columns)
 
 
-def test_the_screen_keeps_dim_cells_where_autofluorescence_is_high(tmp_path):
-    """bench_markers' 4x-autofluorescence IAV 28 dpi section (seed 94013): its cancer cells
-    stand 0.5-0.9x the autofluorescence, some in a packed focus. The screened run must find
-    the dense run's cells (it found 196 of 276 before the screen kept cells by the host
-    nuclei's HER2 and merged foci by their inside)."""
+@pytest.mark.parametrize(
+    "seed, appearance",
+    [(94013, {"autofluorescence": 4.0}), (94015, {"bleed_through": 0.25})],
+    ids=["high-autofluorescence", "her2-bleed-through"],
+)
+def test_the_screen_finds_the_dense_runs_cells_on_hard_sections(tmp_path, seed, appearance):
+    """Two IAV 28 dpi sections of bench_markers where the screen lost cells the dense network
+    finds. 4x autofluorescence (seed 94013): cancer cells stand 0.5-0.9x the autofluorescence,
+    some in a packed focus (196 of 276 found before the screen kept cells by the host nuclei's
+    HER2 and merged foci by their inside). 0.25 HER2 bleed-through (seed 94015): HER2 seen in
+    Ki67 lights the bands of packed cells in Ki67, which the screen took for macrophages'
+    (recall 0.757 against the dense run's 1.000 while a macrophage's band needed only 0.3x the
+    nucleus's own Ki67, `histo.network.MACROPHAGE_OVER_NUCLEUS`)."""
     from histo.synthetic import Appearance
 
     s = generate_slide(
-        tmp_path / "af4.ome.tif",
+        tmp_path / "hard.ome.tif",
         size_px=(2048, 2048),
         group="IAV",
         dpi=28,
-        seed=94013,
-        appearance=Appearance(autofluorescence=4.0),
+        seed=seed,
+        appearance=Appearance(**appearance),
         labels=False,
     )
     screened = analyze_slide(s.path, AnalysisConfig(method="unet", device="cpu"))
     dense = analyze_slide(s.path, AnalysisConfig(method="unet", device="cpu", screen=False))
     found = evaluate_cells(screened.cells, s.cells)
-    assert found["recall"] >= evaluate_cells(dense.cells, s.cells)["recall"] - 0.01
+    assert found["recall"] >= evaluate_cells(dense.cells, s.cells)["recall"] - 0.005
     assert found["recall"] >= 0.98
