@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from histo._version import __version__
-from histo.config import METHODS, AnalysisConfig
+from histo.config import METHODS, RUNTIMES, AnalysisConfig
 from histo.demo import DemoSettings
 from histo.errors import InputError
 
@@ -775,7 +775,7 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
     )
     parser.add_argument(
         "--runtime",
-        choices=("auto", "torch"),
+        choices=RUNTIMES,
         default=_DEFAULTS.runtime,
         help="what runs the network on the CPU: auto (ONNX Runtime where the model ships an "
         "ONNX export, else PyTorch) or torch; the same cells either way (default: %(default)s)",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("classical", "unet")
+#: What may run the network on the CPU (`models.runtime`).
+RUNTIMES = ("auto", "torch")
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,8 @@ class AnalysisConfig:
                 "her2_min_over_autofluorescence must be >= 0 (0: no check), got "
                 f"{self.her2_min_over_autofluorescence!r}"
             )
-        if self.runtime not in ("auto", "torch"):
-            raise ValueError(f"runtime must be 'auto' or 'torch', got {self.runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         for name, words in (
             ("ki67_threshold", ("auto", "detector")),
             ("her2_threshold", ("auto", "off")),

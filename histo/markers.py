@@ -601,8 +601,6 @@ def negative_population(
         return negative, info
     order = ok[np.argsort(ratio[ok])]
     af = None if af_ratio is None else np.asarray(af_ratio, np.float64)
-    if af is not None and not np.isfinite(af[order]).any():
-        af = None
     v = ratio[order]
     gaps = v[1:] / v[:-1]
     best = None
