@@ -97,6 +97,11 @@ def held_out_slides(folder: Path, size: str):
         yield HELD_OUT_SEED + i, (group, dpi, ki67), s
 
 
+def lesion_table(lesions) -> list:
+    """A lesion table as what must agree between two runs: (cells, class) of each lesion."""
+    return sorted(zip(lesions["n_cells"], lesions["class"], strict=True))
+
+
 def synth_slide(path: Path, size: str, seed: int, group: str = "IAV", dpi: int = 15) -> Path:
     """A slide (infected, dpi 15 by default) written by the real ``lungmets synth slide``."""
     cmd = [sys.executable, "-m", "histo", "synth", "slide", str(path), "--size", size]

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     HELD_OUT,
     held_out_slides,
+    lesion_table,
     machine_line,
     measure,
     synth_slide,
@@ -187,13 +188,9 @@ def main() -> None:
     scr_les = runs["unet screened"][1]
     kept, _ = _recall(scr_les, dense_les)
     recall = kept / max(len(dense_les), 1)
-    same = sorted(zip(scr_les["n_cells"], scr_les["class"], strict=True)) == sorted(
-        zip(dense_les["n_cells"], dense_les["class"], strict=True)
-    )
+    same = lesion_table(scr_les) == lesion_table(dense_les)
     torch_les = runs["unet screened, PyTorch"][1]
-    same_runtime = sorted(zip(scr_les["n_cells"], scr_les["class"], strict=True)) == sorted(
-        zip(torch_les["n_cells"], torch_les["class"], strict=True)
-    )
+    same_runtime = lesion_table(scr_les) == lesion_table(torch_les)
     lines = [
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_network.py --size {args.size} --repeats "

@@ -206,6 +206,17 @@ BENCHES: list[Bench] = [
         )
         for seed in (96000, 98000)
     ),
+    *(
+        Bench(
+            f"screen-styles-{seed}",
+            "bench_screen_cells.py",
+            ["--markers-seed", str(seed)],
+            ["--markers-seed", str(seed), "--markers-size", "768x768"],
+            (f"bench_screen_styles_{seed}",),
+            note="the screen against the dense run on bench_markers' sections",
+        )
+        for seed in (94000, 98000)
+    ),
     Bench(
         "teach",
         "bench_teach.py",
