@@ -17,5 +17,7 @@ __version__ = "0.1.0"
 #: negatives and needs an upper population above them (`histo.markers.calibrate_threshold`);
 #: a HER2-negative population may also be one its autofluorescence explains. 9: the screen
 #: takes a nucleus for a macrophage only where its band outshines it in Ki67
-#: (`histo.network.MACROPHAGE_OVER_NUCLEUS`: HER2 bleeding into Ki67 lost foci).
-ANALYSIS_REVISION = 9
+#: (`histo.network.MACROPHAGE_OVER_NUCLEUS`: HER2 bleeding into Ki67 lost foci). 10: a
+#: HER2-negative population may also be one whose HER2 is that of the slide's ordinary cells
+#: (`histo.markers.negative_population`, ``negative_upper``: the reference at the noise).
+ANALYSIS_REVISION = 10

@@ -102,7 +102,8 @@ class AnalysisConfig:
         network detector (the classical one has its own `autofluorescence_max_ratio`).
     her2_min_population_gap : float
         Detected cells whose HER2 is that of unstained tissue (median at most twice the
-        slide's HER2 reference) and that are separated from all other detections by an empty
+        slide's HER2 reference or what their autofluorescence gives, or within the HER2 of the
+        slide's ordinary cells) and that are separated from all other detections by an empty
         gap of at least this fold change in HER2 are a HER2-negative population and are not
         counted (`histo.markers.negative_population`); the slide's own cells decide. 0 turns
         the check off.

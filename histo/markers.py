@@ -549,13 +549,16 @@ def negative_population(
     max_ratio: float = NEGATIVE_POPULATION_MAX_RATIO,
     min_above: int = NEGATIVE_POPULATION_MIN_ABOVE,
     af_ratio: np.ndarray | None = None,
+    her2_mean: np.ndarray | None = None,
+    negative_upper: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Detected cells that form a HER2-negative population of their own.
 
     HER2+ cells of one slide spread over a continuous range of HER2 (dim to bright, membrane
     to cytoplasm). Detections whose HER2 is that of unstained tissue (a median at most
     `max_ratio` times the slide's HER2 reference, or, given `af_ratio`, at most `max_ratio`
-    times what their own autofluorescence gives), separated from all other detections by an
+    times what their own autofluorescence gives, or, given `her2_mean` and `negative_upper`,
+    a median HER2 within the slide's ordinary cells' own), separated from all other detections by an
     empty gap of at least `min_gap`-fold in HER2, are a second population: cells the stain did
     not mark (e.g. proliferating immune nuclei on tissue with almost no autofluorescence, where
     the reference is a few counts of noise and unstained nuclei measure 2-5 times it). The
@@ -575,6 +578,14 @@ def negative_population(
     af_ratio : ndarray, shape (n,), optional
         Each detection's HER2 over what its autofluorescence gives
         (`her2_over_autofluorescence`); NaN where not measured.
+    her2_mean : ndarray, shape (n,), optional
+        Each detection's mean HER2 (counts above offset), to compare with `negative_upper`.
+    negative_upper : float, optional
+        Upper end of the HER2 of the slide's ordinary (HER2-negative) cells, counts above
+        offset: the HER2 threshold calibrated on their bodies (`calibrate_threshold` with
+        ``positives=False``), applied or not. Where the reference is a few counts of noise
+        (near-zero autofluorescence) unstained cells can measure several times it; they still
+        measure what the slide's other unstained cells do.
 
     Returns
     -------
@@ -596,18 +607,26 @@ def negative_population(
     ratio = np.asarray(her2_ratio, np.float64)
     negative = np.zeros(len(ratio), bool)
     info: dict = {"min_gap": float(min_gap), "removed": 0}
+    if negative_upper is not None and her2_mean is not None and np.isfinite(negative_upper):
+        info["negative_upper"] = round(float(negative_upper), 2)
     ok = np.flatnonzero(np.isfinite(ratio) & (ratio > 0))
     if min_gap <= 0 or len(ok) < min_above + 1:
         return negative, info
     order = ok[np.argsort(ratio[ok])]
     af = None if af_ratio is None else np.asarray(af_ratio, np.float64)
+    mean = None
+    if her2_mean is not None and negative_upper is not None and np.isfinite(negative_upper):
+        mean = np.asarray(her2_mean, np.float64)
     v = ratio[order]
     gaps = v[1:] / v[:-1]
     best = None
     for k in np.flatnonzero(gaps >= min_gap):
         n_above = len(v) - k - 1
-        lower_is_negative = np.median(v[: k + 1]) <= max_ratio or _median_at_most(
-            None if af is None else af[order[: k + 1]], max_ratio
+        lower = order[: k + 1]
+        lower_is_negative = (
+            np.median(v[: k + 1]) <= max_ratio
+            or _median_at_most(None if af is None else af[lower], max_ratio)
+            or _median_at_most(None if mean is None else mean[lower], negative_upper)
         )
         if n_above >= min_above and lower_is_negative and (best is None or gaps[k] > gaps[best]):
             best = k

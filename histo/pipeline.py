@@ -359,7 +359,9 @@ def marker_thresholds(
         cells = cells.assign(ki67_raw_mean=cells["ki67_mean"])
     cells, checked = _autofluorescence_check(slide, stain, config, out, cells)
     out["HER2"] = replace(out["HER2"], autofluorescence=checked)
-    cells, population = _negative_population_check(config, cells)
+    her2 = out["HER2"]
+    upper = her2.threshold if her2.method != "user" else (her2.calibrated or {}).get("threshold")
+    cells, population = _negative_population_check(config, cells, upper)
     out["HER2"] = replace(out["HER2"], negative_population=population)
     return out, cells.drop(columns=[c for c in _BLEED_COLUMNS if c in cells])
 
@@ -417,9 +419,10 @@ def _autofluorescence_check(slide, stain, config, thresholds, cells):
     return cells, done
 
 
-def _negative_population_check(config, cells):
+def _negative_population_check(config, cells, negative_upper=None):
     """`cells` without a HER2-negative population of their own
-    (`histo.markers.negative_population`), and what was done."""
+    (`histo.markers.negative_population`; `negative_upper`: the HER2 threshold calibrated on
+    the slide's ordinary cells, or None), and what was done."""
     from .markers import negative_population
 
     if len(cells) == 0 or "her2_ratio" not in cells:
@@ -429,6 +432,8 @@ def _negative_population_check(config, cells):
         cells["her2_ratio"].to_numpy(np.float64),
         min_gap=config.her2_min_population_gap,
         af_ratio=af,
+        her2_mean=cells["her2_mean"].to_numpy(np.float64) if "her2_mean" in cells else None,
+        negative_upper=negative_upper,
     )
     if negative.any():
         log.info(

@@ -76,7 +76,9 @@ class Appearance:
         Dynamic range of the file: ``uint16`` (16 bit), ``uint12`` (12-bit camera in uint16),
         ``uint8`` or ``float32``.
     layout : str
-        Tissue: ``alveolar`` lung, dense ``stroma``, or ``liver``-like parenchyma.
+        Tissue: ``alveolar`` lung, dense ``stroma``, or ``liver``-like parenchyma
+        (polygonal hepatocytes with autofluorescent cytoplasm; red blood cells, Kupffer
+        cells and the sinusoids' own nuclei in the sinusoids between them).
     her2_level : (float, float)
         Range of a lesion's mean HER2 over the tissue's autofluorescence (drawn log-uniform
         per lesion; default 2-15). HER2-low cells (1.2-3), as dormant cells that lower HER2 or

@@ -881,6 +881,9 @@ def build_scene(spec: SlideSpec) -> Scene:
         halfwidth += 3.0 * infiltrate  # thickened, inflamed septa
 
     wall = np.clip((halfwidth - dist) / 1.0 + 0.5, 0, 1) * tissue
+    # Where blood runs and the cells that line it sit: the walls' capillaries in lung and
+    # stroma; in liver the sinusoids between hepatocytes (their cytoplasm holds neither).
+    capillary = tissue * (1.0 - wall) if app.layout == "liver" else wall
 
     obj_y, obj_x, obj_t, obj_amp, obj_kind, obj_ki67 = [], [], [], [], [], []
 
@@ -918,7 +921,7 @@ def build_scene(spec: SlideSpec) -> Scene:
     place(
         "septal",
         "septal",
-        _sample_from_weights(r_obj, wall, n_sept),
+        _sample_from_weights(r_obj, capillary, n_sept),
         nd,
         0.15 * af[1],
         0.3 * af[2],
@@ -974,7 +977,7 @@ def build_scene(spec: SlideSpec) -> Scene:
     n_rbc_c = r_obj.poisson(tissue_area_mm2 * 300.0)
     for flat in (
         _sample_from_weights(r_obj, vessel_lumen.astype(np.float32), n_rbc_v),
-        _sample_from_weights(r_obj, wall, n_rbc_c),
+        _sample_from_weights(r_obj, capillary, n_rbc_c),
     ):
         place(None, "rbc", flat, 0.0, 0.0, 0.0, 0.0)
         if flat.size:

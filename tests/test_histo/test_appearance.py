@@ -172,6 +172,42 @@ def test_other_tissue_layouts_have_no_airspace(tmp_path, layout):
         assert (other.nuclei["kind"] == "hepatocyte").sum() > 200
 
 
+def test_liver_blood_and_sinusoidal_nuclei_lie_in_the_sinusoids():
+    """In liver, blood runs in the sinusoids between hepatocytes: red blood cells and the
+    sinusoids' own nuclei lie at the hepatocytes' borders, not over their cytoplasm or nuclei
+    (where, until 2026-12-04, red blood cells were drawn beside hepatocyte nuclei)."""
+    from histo.synthetic import SlideSpec, build_scene
+    from histo.synthetic._scene import DESIGN_UM
+
+    spec = SlideSpec(
+        width_px=1600,
+        height_px=1200,
+        group="IAV",
+        dpi=15,
+        seed=3,
+        appearance=Appearance(layout="liver"),
+    )
+    scene = build_scene(spec)
+    dist = scene.wall_dist_um  # 0 inside a hepatocyte, > 0 towards its border
+
+    def at(y_um, x_um):
+        iy = np.clip((np.asarray(y_um) / DESIGN_UM).astype(int), 0, dist.shape[0] - 1)
+        ix = np.clip((np.asarray(x_um) / DESIGN_UM).astype(int), 0, dist.shape[1] - 1)
+        return dist[iy, ix]
+
+    px = spec.pixel_size_um
+    rbc = scene.objects["amp"][:, 0] == 0  # no DAPI: red blood cells (and nothing else)
+    assert rbc.sum() > 50
+    on_border = at(scene.objects["y"][rbc] * px, scene.objects["x"][rbc] * px) > 0
+    sinusoidal = scene.nuclei[scene.nuclei["kind"] == "septal"]
+    hepatocytes = scene.nuclei[scene.nuclei["kind"] == "hepatocyte"]
+    assert len(sinusoidal) > 20 and len(hepatocytes) > 100
+    # Design cells are 2 um: a point drawn at a border may fall just inside its neighbour.
+    assert on_border.mean() > 0.8, on_border.mean()
+    assert (at(sinusoidal["y_um"], sinusoidal["x_um"]) > 0).mean() > 0.8
+    assert (at(hepatocytes["y_um"], hepatocytes["x_um"]) > 0).mean() < 0.2
+
+
 def test_random_appearance_never_draws_held_out_values():
     rng = np.random.default_rng(0)
     assert set(HELD_OUT_ENTIRELY) == {"her2_pattern", "dtype", "layout"}

@@ -410,6 +410,32 @@ def test_a_lower_population_its_autofluorescence_explains_is_negative():
     assert not negative_population(ratio, min_gap=4.0, af_ratio=dim_af)[0].any()
 
 
+def test_a_lower_population_with_the_her2_of_the_slides_ordinary_cells_is_negative():
+    """Near-zero autofluorescence: the reference is a few counts of noise, so unstained cells
+    measure 2-9x it, and a Ki67 channel with hardly any autofluorescence explains nothing.
+    Their HER2 in counts is still that of the slide's ordinary cells (below the threshold
+    calibrated on them): a negative population. Dim HER2+ cells above that threshold stay."""
+    rng = np.random.default_rng(13)
+    reference = 4.0
+    her2 = np.r_[
+        np.exp(rng.normal(np.log(10.0), 0.5, 21)), np.exp(rng.normal(np.log(300.0), 0.5, 65))
+    ]
+    her2 = np.r_[np.clip(her2[:21], None, 36.0), np.clip(her2[21:], 210.0, None)]
+    ratio = her2 / reference
+    af = np.r_[np.full(21, 4.0), np.full(65, 300.0)]
+    assert not negative_population(ratio, min_gap=4.0, af_ratio=af)[0].any()
+    negative, info = negative_population(
+        ratio, min_gap=4.0, af_ratio=af, her2_mean=her2, negative_upper=15.5
+    )
+    assert negative[:21].all() and not negative[21:].any()
+    assert info["negative_upper"] == 15.5 and info["removed"] == 21
+    # The same cells as dim HER2+ cells of a slide whose ordinary cells stay below 5 counts.
+    kept, info = negative_population(
+        ratio, min_gap=4.0, af_ratio=af, her2_mean=her2, negative_upper=5.0
+    )
+    assert not kept.any() and info["removed"] == 0
+
+
 def test_a_lower_population_above_the_negative_level_or_under_too_few_cells_stays():
     """Dim HER2+ cells (3x the reference) under bright ones are HER2+; and a few cells above
     a gap are not yet a population to judge against."""
