@@ -39,6 +39,7 @@ from typing import Any
 # Public name -> module that defines it, imported on first access (``__getattr__``), so that
 # the CLI can read the appearance families' names without loading numpy and pandas.
 _LAZY_ATTRIBUTES = {
+    "GENERATOR_REVISION": "._api",
     "SAMPLE_SIZE_PX": "._api",
     "SAMPLE_SLIDES": "._api",
     "SyntheticSlide": "._api",

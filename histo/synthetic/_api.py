@@ -26,6 +26,12 @@ Progress = Callable[[int, int, str], None]
 
 BAND_ROWS = 1024  # rows rendered at a time (a multiple of the noise block height)
 
+#: Raised whenever the same seed and settings draw another slide (written to ``slide.json``,
+#: so that a slide cached by an older generator is known as such). 1: until 2026-12-04.
+#: 2: liver's red blood cells and sinusoidal nuclei lie in the sinusoids (other layouts and
+#: the default style draw the same pixels).
+GENERATOR_REVISION = 2
+
 
 def slide_stem(path: str | os.PathLike) -> str:
     """File name without its slide suffix (``.ome.tif``, ``.tif``, ``.svs``, ``.zarr`` ...)."""
@@ -175,6 +181,7 @@ def generate_slide(
     meta = {
         "generator": "lungmets.synthetic",
         "version": __version__,
+        "generator_revision": GENERATOR_REVISION,
         "slide": path.name,
         "spec": asdict(spec),
         "channels": channels,

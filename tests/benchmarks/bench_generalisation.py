@@ -42,7 +42,7 @@ from histo.synthetic import generate_slide, load_truth
 from histo.synthetic._appearance import Appearance, held_out_cases
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, write_section  # noqa: E402
+from _common import machine_line, slide_is_current, write_section  # noqa: E402
 
 #: The infected sections drawn per case, in order; ``--sections N`` takes the first N (the
 #: first two have kept their seeds since the table began; more sections give the lesion
@@ -73,7 +73,7 @@ def case_slides(
     paths = []
     for j, (group, dpi) in enumerate(SECTIONS[:n_sections]):
         path = data / f"case{index:02d}_{j}.ome.tif"
-        if not path.exists():
+        if not slide_is_current(path):
             generate_slide(
                 path,
                 size_px=(int(round(FIELD_UM[0] / px)), int(round(FIELD_UM[1] / px))),

@@ -34,7 +34,7 @@ from histo.pipeline import analyze_slide
 from histo.synthetic import Appearance, generate_slide, load_truth
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, write_section  # noqa: E402
+from _common import machine_line, slide_is_current, write_section  # noqa: E402
 
 #: name -> (appearance fields, sections as (group, dpi)).
 STYLES = {
@@ -70,7 +70,7 @@ def style_slides(data: Path, name: str, n: int, size_px=SIZE_PX) -> list[Path]:
     paths = []
     for j, (group, dpi) in enumerate(style_sections(sections, n)):
         path = data / f"style{k:02d}_{j}.ome.tif"
-        if not path.exists():
+        if not slide_is_current(path):
             generate_slide(
                 path,
                 size_px=size_px,

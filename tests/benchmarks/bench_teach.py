@@ -37,7 +37,7 @@ from histo.review import JOURNAL, ReviewSession
 from histo.synthetic import Appearance, generate_slide, load_truth
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, machine_line, write_section  # noqa: E402
+from _common import ROOT, machine_line, slide_is_current, write_section  # noqa: E402
 
 #: name -> (appearance, sections as (seed, group, dpi)) for training, testing.
 FAMILIES = {
@@ -58,7 +58,7 @@ def _slides(data: Path, family: dict, sections, tag: str) -> list[Path]:
     out = []
     for seed, group, dpi in sections:
         path = data / f"{tag}_{seed}.ome.tif"
-        if not path.exists():
+        if not slide_is_current(path):
             generate_slide(
                 path, size_px=SIZE_PX, group=group, dpi=dpi, seed=seed,
                 appearance=Appearance(**family), labels=False,
