@@ -26,7 +26,8 @@ Files written by `generate_slide` for ``OUT.ome.tif``:
 - ``OUT.truth/nuclei.csv``: every labelled nucleus (nucleus_id, x_um, y_um, kind, ki67_pos);
 - ``OUT.truth/labels.ome.tif``: int32 instance labels, channels ``nuclei`` (cancer nuclei
   carry their cell_id), ``cells`` (cell_id) and ``lesions`` (lesion_id);
-- ``OUT.truth/slide.json``: the parameters, counts and tissue area.
+- ``OUT.truth/slide.json``: the parameters, counts and tissue area, and which generator drew
+  it (``generator_revision``, `GENERATOR_REVISION`).
 
 Coordinates: ``x_um = x_px * pixel_size_um`` with level-0 pixel centres at integers.
 """
