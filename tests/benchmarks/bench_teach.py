@@ -178,6 +178,10 @@ def main() -> None:
         # A section whose review made no correction (and marked no region) has no journal:
         # nothing to learn from it, as when a scientist skips a slide.
         reviewed = [f for f in folders if (f / JOURNAL).exists()]
+        if not reviewed:  # the shipped network made no error a review could correct
+            rows.append({**rows[0], "corrections": 0, "area_mm2": 0.0, "seconds": None})
+            print(rows[-1], flush=True)
+            continue
         t0 = time.perf_counter()
         model = data / f"taught_{tag}{budget}.pt"
         teach(model, reviewed, steps=args.steps, data_dir=args.data / "house_training")
@@ -199,8 +203,9 @@ def main() -> None:
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        secs = "nothing to teach" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(
-            f"| {r['corrections']} | {r['area_mm2']:.2f} | {r['seconds']:.0f} | {r['f1']:.3f} | "
+            f"| {r['corrections']} | {r['area_mm2']:.2f} | {secs} | {r['f1']:.3f} | "
             f"{r['f1_min']:.3f} | {r['count']:+.1%} | {r['house']['f1']:.3f} |"
         )
     print("\n".join(lines))
@@ -218,11 +223,17 @@ def _figure(rows, path: Path, family: str) -> None:
     fig = Figure(figsize=(5, 3.2), tight_layout=True)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    n = [r["corrections"] for r in rows]
+    # What the review gave to learn from: its corrections and the area marked complete.
+    n = [r["area_mm2"] for r in rows]
     ax.plot(n, [r["f1"] for r in rows], "o-", label=f"{family} (4 test sections)")
     ax.plot(n, [r["house"]["f1"] for r in rows], "s--", label="house style (2 sections)")
+    for r in rows:
+        ax.annotate(
+            f"{r['corrections']} corr.", (r["area_mm2"], r["f1"]), textcoords="offset points",
+            xytext=(4, -12), fontsize=7,
+        )  # fmt: skip
     ax.axhline(0.95, color="0.6", lw=1, ls=":")
-    ax.set_xlabel("corrections reviewed (2 sections)")
+    ax.set_xlabel("reviewed completely (mm², 2 sections)")
     ax.set_ylabel("cell F1")
     ax.set_ylim(min(0.8, min(r["f1"] for r in rows) - 0.02), 1.01)
     ax.legend(fontsize=8, frameon=False, loc="lower right")

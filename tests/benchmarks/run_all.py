@@ -484,15 +484,29 @@ def q_teach(f: Figures) -> str:
     before = regions[0]
     with_r = regions[1]
     last = points[-1]
+    if _is_number(last["fine-tuning (s)"]):
+        alone = (
+            f"; or {last['corrections']} corrections and no region: F1 "
+            f"{_num(last['cell F1 (mean of 4)']):.3f}, count "
+            f"{_pct(_num(last['count error']))}"
+        )
+    else:  # the review found nothing to correct, and no region was marked
+        alone = "; with no region marked and nothing to correct, there is nothing to teach"
     return (
         f"cell F1 {_num(before['cell F1 (mean of 4)']):.2f}, count "
         f"{_pct(_num(before['count error']))}): after two sections were reviewed "
         f"({with_r['corrections']} corrections, {_num(with_r['reviewed completely (mm²)']):.0f} "
-        f"mm² marked complete; or {last['corrections']} corrections and no region), F1 "
-        f"{_num(with_r['cell F1 (mean of 4)']):.2f} ({_num(last['cell F1 (mean of 4)']):.3f}) "
-        f"and count error {_pct(_num(with_r['count error']))} "
-        f"({_pct(_num(last['count error']))})"
+        f"mm² marked complete), F1 {_num(with_r['cell F1 (mean of 4)']):.2f} and count error "
+        f"{_pct(_num(with_r['count error']))} on four other sections{alone}"
     )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        _num(text)
+    except ValueError:
+        return False
+    return True
 
 
 def q_teach_time(f: Figures) -> str:
@@ -500,6 +514,7 @@ def q_teach_time(f: Figures) -> str:
         _num(r["fine-tuning (s)"])
         for key in ("bench_teach", "bench_teach_points")
         for r in f.table(key)[1:]
+        if _is_number(r["fine-tuning (s)"])
     ]
     steps = re.search(r"--steps (\d+)", section(f.text, "bench_teach"))
     return (
