@@ -233,7 +233,7 @@ def make_slides(
     Each family departs from the default with probability `family_probability` (a value
     other than the default, `FAMILY_PROBABILITY`, is part of the file names).
     """
-    from histo.synthetic import generate_slide
+    from histo.synthetic import generate_slide, slide_is_current
     from histo.synthetic._appearance import Appearance, random_appearance
 
     out_dir = Path(out_dir)
@@ -257,7 +257,7 @@ def make_slides(
             )
         side = int(round(size_px * 0.5 / px))
         path = out_dir / f"train_{seed}{tag}.ome.tif"
-        if not path.exists():
+        if not slide_is_current(path):  # missing, or drawn by an older generator
             generate_slide(
                 path,
                 size_px=(side, side),

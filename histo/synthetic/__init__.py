@@ -49,6 +49,7 @@ _LAZY_ATTRIBUTES = {
     "generate_slide": "._api",
     "load_truth": "._api",
     "render_preview": "._api",
+    "slide_is_current": "._api",
     "slide_stem": "._api",
     "truth_dir_for": "._api",
     "lesion_model": "._biology",

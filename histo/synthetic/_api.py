@@ -44,6 +44,27 @@ def truth_dir_for(slide_path: str | os.PathLike) -> Path:
     return p.parent / f"{slide_stem(p)}.truth"
 
 
+def slide_is_current(path: str | os.PathLike) -> bool:
+    """Whether `path` is a generated slide that today's generator would draw the same.
+
+    True when the slide and its truth exist and its ``slide.json`` carries the current
+    `GENERATOR_REVISION`. Caches of generated slides (training data, benchmarks) draw a slide
+    again when this is False, rather than use one an older generator made.
+
+    Examples
+    --------
+    >>> slide_is_current("no_such_slide.ome.tif")
+    False
+    """
+    import json
+
+    path = Path(path)
+    meta = truth_dir_for(path) / "slide.json"
+    if not (path.exists() and meta.exists()):
+        return False
+    return json.loads(meta.read_text()).get("generator_revision", 1) == GENERATOR_REVISION
+
+
 @dataclass
 class SyntheticSlide:
     """A generated slide and its ground truth.

@@ -34,20 +34,6 @@ def measure(cmd: list[str], limit_gb: float | None = None) -> tuple[float | None
     return (seconds if rc == 0 else None), rss, rc
 
 
-def slide_is_current(path: Path) -> bool:
-    """Whether `path` is a generated slide that today's generator would draw the same (it
-    exists and its ``slide.json`` has the current ``GENERATOR_REVISION``): benchmarks cache
-    their slides, and a slide of an older generator must be drawn again."""
-    import json
-
-    from histo.synthetic import GENERATOR_REVISION, truth_dir_for
-
-    meta = truth_dir_for(path) / "slide.json"
-    if not (path.exists() and meta.exists()):
-        return False
-    return json.loads(meta.read_text()).get("generator_revision", 1) == GENERATOR_REVISION
-
-
 def machine_line() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return (

@@ -38,11 +38,11 @@ import numpy as np
 from histo.config import AnalysisConfig
 from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
 from histo.pipeline import analyze_slide
-from histo.synthetic import generate_slide, load_truth
+from histo.synthetic import generate_slide, load_truth, slide_is_current
 from histo.synthetic._appearance import Appearance, held_out_cases
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, slide_is_current, write_section  # noqa: E402
+from _common import machine_line, write_section  # noqa: E402
 
 #: The infected sections drawn per case, in order; ``--sections N`` takes the first N (the
 #: first two have kept their seeds since the table began; more sections give the lesion

@@ -31,10 +31,10 @@ from pathlib import Path
 from histo.config import AnalysisConfig
 from histo.evaluate import match_points
 from histo.pipeline import analyze_slide
-from histo.synthetic import Appearance, generate_slide, load_truth
+from histo.synthetic import Appearance, generate_slide, load_truth, slide_is_current
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, slide_is_current, write_section  # noqa: E402
+from _common import machine_line, write_section  # noqa: E402
 
 #: name -> (appearance fields, sections as (group, dpi)).
 STYLES = {

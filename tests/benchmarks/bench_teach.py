@@ -34,10 +34,10 @@ from histo.config import AnalysisConfig
 from histo.evaluate import evaluate_cells, match_points
 from histo.pipeline import analyze_slide
 from histo.review import JOURNAL, ReviewSession
-from histo.synthetic import Appearance, generate_slide, load_truth
+from histo.synthetic import Appearance, generate_slide, load_truth, slide_is_current
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, machine_line, slide_is_current, write_section  # noqa: E402
+from _common import ROOT, machine_line, write_section  # noqa: E402
 
 #: name -> (appearance, sections as (seed, group, dpi)) for training, testing.
 FAMILIES = {
