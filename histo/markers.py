@@ -558,11 +558,12 @@ def negative_population(
     to cytoplasm). Detections whose HER2 is that of unstained tissue (a median at most
     `max_ratio` times the slide's HER2 reference, or, given `af_ratio`, at most `max_ratio`
     times what their own autofluorescence gives, or, given `her2_mean` and `negative_upper`,
-    a median HER2 within the slide's ordinary cells' own), separated from all other detections by an
-    empty gap of at least `min_gap`-fold in HER2, are a second population: cells the stain did
-    not mark (e.g. proliferating immune nuclei on tissue with almost no autofluorescence, where
-    the reference is a few counts of noise and unstained nuclei measure 2-5 times it). The
-    slide's own cells decide, not a fixed threshold: without such a gap nothing is removed.
+    a median HER2 within that of the slide's ordinary cells), separated from all other
+    detections by an empty gap of at least `min_gap`-fold in HER2, are a second population:
+    cells the stain did not mark (e.g. proliferating immune nuclei on tissue with almost no
+    autofluorescence, where the reference is a few counts of noise and unstained nuclei
+    measure 2-9 times it). The slide's own cells decide, not a fixed threshold: without such a
+    gap nothing is removed.
 
     Parameters
     ----------
@@ -607,16 +608,15 @@ def negative_population(
     ratio = np.asarray(her2_ratio, np.float64)
     negative = np.zeros(len(ratio), bool)
     info: dict = {"min_gap": float(min_gap), "removed": 0}
-    if negative_upper is not None and her2_mean is not None and np.isfinite(negative_upper):
+    mean = None
+    if her2_mean is not None and negative_upper is not None and np.isfinite(negative_upper):
+        mean = np.asarray(her2_mean, np.float64)
         info["negative_upper"] = round(float(negative_upper), 2)
     ok = np.flatnonzero(np.isfinite(ratio) & (ratio > 0))
     if min_gap <= 0 or len(ok) < min_above + 1:
         return negative, info
     order = ok[np.argsort(ratio[ok])]
     af = None if af_ratio is None else np.asarray(af_ratio, np.float64)
-    mean = None
-    if her2_mean is not None and negative_upper is not None and np.isfinite(negative_upper):
-        mean = np.asarray(her2_mean, np.float64)
     v = ratio[order]
     gaps = v[1:] / v[:-1]
     best = None
