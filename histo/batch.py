@@ -247,6 +247,15 @@ def _run_one(
             seconds=time.perf_counter() - t0,
         )
     except Exception as exc:  # a failed slide must not stop the batch
+        if cancel is not None and cancel.is_set():
+            # Torn down under a cancelled run (Ctrl-C ends the interpreter while a chunk is
+            # still being computed here): a consequence of stopping, not an error to report.
+            return SlideOutcome(
+                name,
+                False,
+                message=f"{name}: cancelled; nothing written",
+                seconds=time.perf_counter() - t0,
+            )
         log.exception("unexpected error on %s", name)
         return SlideOutcome(
             name,

@@ -78,6 +78,34 @@ def test_closing_the_batch_generator_cancels_and_writes_nothing(slide, tmp_path)
     assert not (tmp_path / "out" / "lung_a" / "summary.json").exists()
 
 
+def test_a_failure_after_cancelling_is_a_cancelled_slide_not_an_error(slide, tmp_path, caplog):
+    """Ctrl-C ends the interpreter while a chunk may still be computing in the slide's thread;
+    what then fails there (Dask: "cannot schedule new futures after interpreter shutdown") is
+    a consequence of stopping: the slide is cancelled, nothing is written, and no traceback
+    is logged. The consumer's callback stands in for the interpreter going away."""
+    from histo.batch import _run_one
+
+    cancel = threading.Event()
+
+    def emit(event):
+        cancel.set()  # the user stopped the run ...
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    out = tmp_path / "out"
+    with caplog.at_level("ERROR", logger="histo.batch"):
+        outcome = _run_one(0, slide.path, out, MANY_CHUNKS, True, {}, emit=emit, cancel=cancel)
+    assert not outcome.ok and "cancelled; nothing written" in outcome.message
+    assert not caplog.records
+    assert not (out / "lung_a" / "summary.json").exists()
+    # The same failure in a run nobody cancelled is an error, reported with its traceback.
+    with caplog.at_level("ERROR", logger="histo.batch"):
+        failed = _run_one(
+            0, slide.path, out, MANY_CHUNKS, True, {}, emit=emit, cancel=threading.Event()
+        )
+    assert not failed.ok and "RuntimeError" in failed.message
+    assert any("unexpected error" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_cancel_releases_the_pending_chunks_of_an_external_cluster(slide):
     from distributed import Client, LocalCluster
