@@ -359,8 +359,10 @@ def marker_thresholds(
         cells = cells.assign(ki67_raw_mean=cells["ki67_mean"])
     cells, checked = _autofluorescence_check(slide, stain, config, out, cells)
     out["HER2"] = replace(out["HER2"], autofluorescence=checked)
+    # The ordinary cells' HER2 bound: the calibrated threshold, applied or not (a user's own
+    # HER2 threshold is not calibrated on them, so there is none).
     her2 = out["HER2"]
-    upper = her2.threshold if her2.method != "user" else (her2.calibrated or {}).get("threshold")
+    upper = None if her2.method == "user" else her2.threshold
     cells, population = _negative_population_check(config, cells, upper)
     out["HER2"] = replace(out["HER2"], negative_population=population)
     return out, cells.drop(columns=[c for c in _BLEED_COLUMNS if c in cells])
