@@ -26,7 +26,8 @@ from .errors import Cancelled, InputError
 
 log = logging.getLogger(__name__)
 
-#: Settings that change how fast an analysis runs, not what it finds: not part of the run key.
+#: Settings that change how fast an analysis runs, not what it finds: not part of the run key
+#: (but ``runtime="int8"`` is: its cells may differ near the operating point).
 EXECUTION_ONLY = ("device", "batch_size", "torch_threads", "runtime", "chunk_size_px")
 
 #: Rough peak memory of one chunk task (2048-px chunk), in bytes, measured on 8k slides
@@ -86,6 +87,8 @@ def run_key(
     from ._version import __version__
 
     params = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_ONLY}
+    if config.method == "unet" and config.runtime == "int8":  # not quite the same cells
+        params["runtime"] = "int8"
     model = None
     if config.method == "unet":
         from models import model_identity

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("classical", "unet")
 #: What may run the network on the CPU (`models.runtime`).
-RUNTIMES = ("auto", "torch")
+RUNTIMES = ("auto", "torch", "int8")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,10 @@ class AnalysisConfig:
         CPU threads of the network per task (0: all cores divided among the parallel tasks).
     runtime : str
         What runs the network on the CPU: "auto" (ONNX Runtime with the model's ONNX export
-        where both are there, else PyTorch; `models.runtime`) or "torch" (always PyTorch).
-        The same cells either way.
+        where both are there, else PyTorch; `models.runtime`) or "torch" (always PyTorch):
+        the same cells either way; or "int8" (the export quantised to 8 bits, faster; its
+        cells may differ from the float network's near the operating point, so it is part
+        of the run key).
     chunk_size_px : int
         Side of the square core of a chunk, in level-0 pixels.
     halo_px : int

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ DEFAULT_MODEL = WEIGHTS_DIR / "lungmets_unet_v4.pt"
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "model_config"]
 
 _RUNNERS_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 class LoadedModel:
@@ -45,18 +47,31 @@ class LoadedModel:
         """The network to run forward passes with: on the CPU, ONNX Runtime's session of the
         model's ONNX export where it has one (`models.runtime`; `threads` per pass, 0: one
         per core), else the fused PyTorch network (`fast_net`, also on a GPU or with
-        ``runtime="torch"``). Sessions are built once per thread count."""
-        if runtime not in ("auto", "torch"):
-            raise ValueError(f"runtime must be 'auto' or 'torch', got {runtime!r}")
+        ``runtime="torch"``); with ``runtime="int8"``, its 8-bit quantisation
+        (`models.runtime.quantize_onnx`) where it has one, else the float export (with a
+        warning). Sessions are built once per runtime and thread count."""
+        if runtime not in ("auto", "torch", "int8"):
+            raise ValueError(f"runtime must be 'auto', 'torch' or 'int8', got {runtime!r}")
         if runtime == "torch" or self.device.type != "cpu":
             return self.fast_net
         from .runtime import OnnxNet, onnx_file
 
         with _RUNNERS_LOCK:
-            if threads not in self._runners:
-                path = onnx_file(self.path, self.config)
-                self._runners[threads] = self.fast_net if path is None else OnnxNet(path, threads)
-            return self._runners[threads]
+            key = (runtime, threads)
+            if key not in self._runners:
+                path = None
+                if runtime == "int8":
+                    path = onnx_file(self.path, self.config, "onnx_int8")
+                    if path is None:
+                        log.warning(
+                            "%s has no 8-bit export of its tensors (models.runtime."
+                            "quantize_onnx): --runtime int8 runs the float network",
+                            self.path.name,
+                        )
+                if path is None:
+                    path = onnx_file(self.path, self.config)
+                self._runners[key] = self.fast_net if path is None else OnnxNet(path, threads)
+            return self._runners[key]
 
     @property
     def sha256(self) -> str:

@@ -63,10 +63,12 @@ class OnnxNet:
         return f"OnnxNet({self.path.name}, threads={self.threads})"
 
 
-def onnx_file(model_path: str | Path, config: dict) -> Path | None:
+def onnx_file(model_path: str | Path, config: dict, kind: str = "onnx") -> Path | None:
     """The ONNX export of a model, when it has one that belongs to its tensors and is intact
-    and ``onnxruntime`` is installed; else None (PyTorch runs the network)."""
-    entry = config.get("onnx")
+    and ``onnxruntime`` is installed; else None (PyTorch runs the network). `kind` is
+    ``"onnx"`` (the float export) or ``"onnx_int8"`` (its 8-bit quantisation,
+    `quantize_onnx`)."""
+    entry = config.get(kind)
     if not entry:
         return None
     try:
@@ -76,7 +78,7 @@ def onnx_file(model_path: str | Path, config: dict) -> Path | None:
         return None
     path = Path(model_path).with_name(entry.get("file", ""))
     if entry.get("exported_from") != config.get("sha256") or not path.is_file():
-        log.debug("%s: no ONNX export of these tensors; the network runs in PyTorch", model_path)
+        log.debug("%s: no %s export of these tensors", model_path, kind)
         return None
     if hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
         log.warning("%s: checksum does not match the model's JSON; running PyTorch instead", path)
@@ -128,4 +130,93 @@ def export_onnx(model) -> Path:
         "network": "fused inference network (models.infer.fast_inference_net)",
     }
     write_json(cfg, out.with_suffix(".json"))
+    return out
+
+
+#: The nodes `quantize_onnx` leaves in float: the first convolution (it reads the
+#: log-compressed stains, whose range is the widest) and the head (the logits the cells are
+#: called on). Quantising these too changed a lesion table on 1 of 6 held-out house-style
+#: slides and 4 of 22 held-out family sections (measured with the candidate v7; BENCHMARKS.md
+#: "Network speed (CPU)").
+FLOAT_NODES = ("/down.0/down.0.0/down.0.0.0/Conv", "/head/Conv")
+
+
+def quantize_onnx(model, batches, *, calibration: dict | None = None) -> Path:
+    """Write the 8-bit quantisation of a model's ONNX export beside it and record it in the
+    model's JSON (``"onnx_int8"``: file, SHA-256, the tensors and the float export it came
+    from, the nodes left in float, the calibration slides). Static quantisation (QDQ,
+    weights int8 per channel, activations uint8 with ranges from `batches`), `FLOAT_NODES`
+    left in float. Needs ``onnx``; `lungmets run --runtime int8` uses it.
+
+    Parameters
+    ----------
+    model : models.LoadedModel
+        A model with an ONNX export (`export_onnx`).
+    batches : list of numpy.ndarray
+        Network inputs to calibrate on, float32 (1, 4, Y, X): `models.train.calibration_inputs`
+        of validation slides.
+    calibration : dict, optional
+        What they are, recorded in the JSON (`models.train.calibration_inputs` gives the
+        slides' names).
+
+    Returns
+    -------
+    Path
+        The ``.int8.onnx`` file.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from histo.atomic import write_json
+
+    cfg = dict(model.config)
+    src = onnx_file(model.path, cfg)
+    if src is None:
+        raise ValueError(f"{model.path}: no ONNX export of these tensors; run export_onnx first")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("quantize_onnx needs calibration batches")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(batches)
+
+        def get_next(self):
+            b = next(self._it, None)
+            return None if b is None else {"x": b}
+
+    out = Path(model.path).with_suffix(".int8.onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(out),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(FLOAT_NODES),
+        )
+    cfg["onnx_int8"] = {
+        "file": out.name,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "exported_from": cfg["sha256"],
+        "quantized_from": cfg["onnx"]["sha256"],
+        "float_nodes": list(FLOAT_NODES),
+        "calibration": {
+            **(calibration or {}),
+            "crops": len(batches),
+            "crop_px": int(batches[0].shape[-1]),
+        },
+    }
+    write_json(cfg, out.with_name(Path(model.path).with_suffix(".json").name))
     return out

@@ -497,15 +497,17 @@ def calibrate_centre_threshold(
     for path in slides:
         result = analyze_slide(path, AnalysisConfig(model_path=str(model_path)))
         runs.append((result.cells, load_truth(path).cells))
-    f1, mean, per = {}, {}, {}
-    for t in thresholds:
-        per_slide = [
-            evaluate_cells(cells[cells["centre_prob"] >= t], truth)["f1"] for cells, truth in runs
+    per_slide = {
+        t: [
+            float(evaluate_cells(cells[cells["centre_prob"] >= t], truth)["f1"])
+            for cells, truth in runs
         ]
-        f1[t] = round(float(np.median(per_slide)), 4)
-        mean[t] = round(float(np.mean(per_slide)), 4)
-        per[t] = [round(float(v), 4) for v in per_slide]
-    best = max(thresholds, key=lambda t: (f1[t], mean[t], -t))
+        for t in thresholds
+    }
+    best = pick_centre_threshold(per_slide)
+    f1 = {t: round(float(np.median(v)), 4) for t, v in per_slide.items()}
+    mean = {t: round(float(np.mean(v)), 4) for t, v in per_slide.items()}
+    per = {t: [round(v, 4) for v in values] for t, values in per_slide.items()}
     return {
         "centre_threshold": best,
         "f1": f1,
@@ -513,6 +515,64 @@ def calibrate_centre_threshold(
         "f1_per_slide": per,
         "slides": [Path(p).name for p in slides],
     }
+
+
+def pick_centre_threshold(f1_per_slide: dict) -> float:
+    """The operating point `calibrate_centre_threshold` chooses from each threshold's F1 per
+    slide: the highest median, then the highest mean, then the lowest threshold.
+
+    The figures compared are the unrounded ones: with many slides near F1 1, means that differ
+    by one cell on one slide round to the same four decimals, and the rounding, not the slides,
+    would then send the choice to the lowest threshold.
+
+    Parameters
+    ----------
+    f1_per_slide : dict
+        ``{threshold: [cell F1 of each slide]}``, the same slides in the same order.
+
+    Returns
+    -------
+    float
+        The chosen threshold.
+    """
+    return max(
+        f1_per_slide,
+        key=lambda t: (np.median(f1_per_slide[t]), np.mean(f1_per_slide[t]), -t),
+    )
+
+
+def calibration_inputs(slides, crops_per_slide: int = 8, size_px: int = 192, seed: int = 0):
+    """Network inputs to calibrate the 8-bit quantisation on (`models.runtime.quantize_onnx`):
+    crops of generated slides with truth (validation slides, never benchmark slides), half
+    centred on a cancer cell, half anywhere, normalised as the pipeline normalises them
+    (`models.infer.to_model_input`).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        float32 batches (1, 4, `size_px`, `size_px`).
+    """
+    from .infer import normalise
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for path in slides:
+        data = slide_data(path)
+        _, h, w = data.linear.shape
+        half = size_px // 2
+        for k in range(crops_per_slide):
+            if k % 2 == 0 and len(data.centres):
+                cy, cx = data.centres[rng.integers(len(data.centres))]
+            else:
+                cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            y0 = int(np.clip(round(cy) - half, 0, max(h - size_px, 0)))
+            x0 = int(np.clip(round(cx) - half, 0, max(w - size_px, 0)))
+            x = np.zeros((1, 4, size_px, size_px), np.float32)
+            crop = data.linear[:, y0 : y0 + size_px, x0 : x0 + size_px].astype(np.float32)
+            x[0, :3, : crop.shape[1], : crop.shape[2]] = normalise(crop)
+            x[0, 3] = 1.0 if data.has_ki67 else 0.0
+            out.append(x)
+    return out
 
 
 def validate_model(model_path, slides, methods=("unet", "classical")) -> dict:

@@ -10,7 +10,8 @@ trained with every family held out, entirely (HER2 pattern, dynamic range, tissu
 beyond a middle range (the others); its recipe is in models/weights/MODEL_CARD.md. Any other
 model can be scored the same way (``--models NAME=PATH``; ``lungmets train ...
 --exclude-families ...`` makes one; ``NAME=PATH:her2=auto`` runs it with ``--her2-threshold
-auto``; ``NAME=PATH:af=0`` without the autofluorescence check).
+auto``; ``NAME=PATH:af=0`` without the autofluorescence check; ``NAME=PATH:runtime=int8`` with
+its 8-bit export, ``--runtime int8``).
 
 Every held-out case of `histo.synthetic._appearance.FAMILIES` (and the default style, for
 reference) is drawn on infected sections (``--sections N``, 2 by default: IAV 15 and 28 dpi,
@@ -107,6 +108,8 @@ def _detector_key(config: AnalysisConfig) -> str:
         key += f"-af{config.her2_min_over_autofluorescence:g}"
     if config.her2_threshold != "off":
         key += f"-her2{config.her2_threshold}"
+    if config.runtime == "int8":
+        key += "-int8"
     return f"{key}-{__version__}-r{ANALYSIS_REVISION}"
 
 
@@ -162,12 +165,14 @@ def main() -> None:
     detectors = {}
     for item in filter(None, args.models.split(",")):
         name, path = item.split("=", 1)
+        path, _, runtime = path.partition(":runtime=")
         path, _, af = path.partition(":af=")
         path, _, her2 = path.partition(":her2=")
         detectors[name] = AnalysisConfig(
             model_path=None if path == "default" else path,
             her2_threshold=her2 or "off",
             her2_min_over_autofluorescence=float(af) if af else _AF_DEFAULT,
+            runtime=runtime or "auto",
         )
     for m in filter(None, args.methods.split(",")):
         detectors[m] = AnalysisConfig(method=m)

@@ -7,7 +7,8 @@ Run on demand (never in CI)::
 On one generated slide (infected, dpi 15): the time to decode its full-resolution level once
 (the floor), then ``lungmets run --method unet`` dense (``--no-screen``) and screened
 (``--screen``, the default; and screened with ``--runtime torch``, PyTorch instead of ONNX
-Runtime), and the classical detector for reference, each in its own
+Runtime, and with ``--runtime int8``, the 8-bit quantised export), and the classical detector
+for reference, each in its own
 process (wall time and peak memory), `--repeats` times in a rotating order (no method always
 runs first, on a cold disk cache, or last); medians are reported. Throughput is megapixels of
 tissue (level 0) per second. The screened lesion table is compared with the dense one
@@ -15,7 +16,8 @@ tissue (level 0) per second. The screened lesion table is compared with the dens
 control lung, the infected one and a 60-dpi lung of the same size, time per 1,000 HER2+ cells
 found. Then the screen alone on held-out slides (generator seeds 90001+, never used for
 training, validation or tuning the screen; infected and control lungs, with and without Ki67,
-as in bench_accuracy.py): the screened and dense lesions of each (in-process, CPU), and the
+as in bench_accuracy.py): the screened and dense lesions of each (in-process, CPU), whether
+the 8-bit network's lesion table is the float one's, and the
 share of the field the screen selects (pixels) and that the network runs on (its crops with
 their context, `models.infer.crop_boxes`, counted over the whole field at once: per chunk it
 is a little more). ``--write`` puts the tables into BENCHMARKS.md between the
@@ -85,6 +87,7 @@ def held_out_rows(size: str) -> list[str]:
 
     rows = []
     tot = [0, 0]
+    tot8 = 0
     with tempfile.TemporaryDirectory() as tmp:
         for seed, (group, dpi, ki67), s in held_out_slides(Path(tmp), size):
             cfg = AnalysisConfig(method="unet", device="cpu")
@@ -94,6 +97,9 @@ def held_out_rows(size: str) -> list[str]:
             t = time.perf_counter()
             screened = analyze_slide(s.path, cfg)
             t_scr = time.perf_counter() - t
+            int8 = analyze_slide(s.path, cfg.replace(runtime="int8"))
+            same8 = lesion_table(int8.lesions) == lesion_table(screened.lesions)
+            tot8 += same8
             kept, n = _recall(screened.lesions, dense.lesions)
             tot[0] += kept
             tot[1] += n
@@ -102,7 +108,8 @@ def held_out_rows(size: str) -> list[str]:
             rows.append(
                 f"| {name} | {n} | {kept} ({kept / max(n, 1):.1%}) | "
                 f"{len(screened.cells)} / {len(dense.cells)} | {px:.1%} | {net:.0%} | "
-                f"{t_dense:.1f} / {t_scr:.1f} ({t_dense / t_scr:.2f}x) |"
+                f"{t_dense:.1f} / {t_scr:.1f} ({t_dense / t_scr:.2f}x) | "
+                f"{'identical' if same8 else 'DIFFERENT'} |"
             )
             print(rows[-1], flush=True)
     return [
@@ -112,10 +119,11 @@ def held_out_rows(size: str) -> list[str]:
         "",
         "| slide | dense lesions | kept by the screened pass | cells screened / dense "
         "| field screened (pixels) | network pixels (crops with context) "
-        "| time dense / screened (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| time dense / screened (s) | int8 lesion table |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         *rows,
-        f"| all | {tot[1]} | {tot[0]} ({tot[0] / max(tot[1], 1):.1%}) | | | | |",
+        f"| all | {tot[1]} | {tot[0]} ({tot[0] / max(tot[1], 1):.1%}) | | | | "
+        f"| {tot8} of {len(rows)} identical |",
     ]
 
 
@@ -144,6 +152,7 @@ def main() -> None:
         ("unet dense", ["--method", "unet", "--no-screen"]),
         ("unet screened", ["--method", "unet", "--screen"]),
         ("unet screened, PyTorch", ["--method", "unet", "--screen", "--runtime", "torch"]),
+        ("unet screened, int8", ["--method", "unet", "--screen", "--runtime", "int8"]),
         ("classical", ["--method", "classical"]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +200,7 @@ def main() -> None:
     same = lesion_table(scr_les) == lesion_table(dense_les)
     torch_les = runs["unet screened, PyTorch"][1]
     same_runtime = lesion_table(scr_les) == lesion_table(torch_les)
+    same_int8 = lesion_table(scr_les) == lesion_table(runs["unet screened, int8"][1])
     lines = [
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_network.py --size {args.size} --repeats "
@@ -218,7 +228,11 @@ def main() -> None:
         "The network's forward passes run in ONNX Runtime by default on the CPU "
         "(`models.runtime`); with `--runtime torch` in PyTorch: lesion table "
         f"{'identical' if same_runtime else 'DIFFERENT'}, ONNX Runtime "
-        f"{med('unet screened, PyTorch')[0] / med('unet screened')[0]:.2f}x faster.",
+        f"{med('unet screened, PyTorch')[0] / med('unet screened')[0]:.2f}x faster. With "
+        "`--runtime int8` (the export quantised to 8 bits, `models.runtime.quantize_onnx`): "
+        f"lesion table {'identical' if same_int8 else 'DIFFERENT'}, "
+        f"{med('unet screened')[0] / med('unet screened, int8')[0]:.2f}x faster than the "
+        "float export.",
         "",
         f"Time per 1,000 HER2+ cells (screened run, {args.size}, one run each):",
         "",

@@ -170,7 +170,7 @@ BENCHES: list[Bench] = [
     Bench(
         "generalisation-6",
         "bench_generalisation.py",
-        ["--models", "v4=default", "--methods", "", "--sections", "6"],
+        ["--models", "v4=default,v4-int8=default:runtime=int8", "--methods", "", "--sections", "6"],
         [
             "--models",
             "v4=default",
@@ -184,7 +184,7 @@ BENCHES: list[Bench] = [
             "/tmp/lungmets_generalisation_quick",
         ],
         ("bench_generalisation_s6",),
-        note="the shipped network on six sections per case: enough lesions per class",
+        note="the shipped network on six sections per case (and its int8 runtime)",
     ),
     Bench(
         "markers",
@@ -383,6 +383,13 @@ def q_screen_time(f: Figures) -> str:
     return f"about {100 / float(m.group(1)):.0f}% of its time"
 
 
+def q_int8_speed(f: Figures) -> str:
+    m = re.search(r"([\d.]+)x faster than the\s+float export", section(f.text, "bench_network"))
+    if m is None:
+        raise KeyError("bench_network names no speed of the int8 runtime")
+    return f"{float(m.group(1)):.2f}x faster"
+
+
 def _liver_precision(f: Figures) -> tuple[float, float]:
     """The shipped network's cell precision on liver-like tissue without and with the
     autofluorescence check."""
@@ -551,6 +558,7 @@ QUOTES = {
     "synth": q_synth,
     "sample_size": q_sample_size,
     "screen_time": q_screen_time,
+    "int8_speed": q_int8_speed,
     "liver_precision": q_liver_precision,
     "model_size": q_model_size,
     "v1_training_time": q_v1_training_time,

@@ -22,6 +22,7 @@ from models.train import (
     golden_output,
     loss_fn,
     make_slides,
+    pick_centre_threshold,
     sample_patch,
     save_model,
     slide_data,
@@ -383,6 +384,56 @@ def test_an_onnx_export_that_does_not_belong_to_the_tensors_is_not_used(tmp_path
     assert not isinstance(load_model(other).inference_net(1), OnnxNet)
 
 
+def test_the_int8_runtime_finds_the_float_networks_cells_and_lesions(held_out):
+    """`--runtime int8` (the shipped 8-bit quantisation of the export) against the float
+    export on a whole generated slide: the same lesion table, the same cells within 0.5 um."""
+    from histo.evaluate import match_points
+    from models.runtime import OnnxNet
+
+    model = load_model(None, "cpu")
+    int8 = model.inference_net(1, "int8")
+    assert isinstance(int8, OnnxNet) and int8.path.name.endswith(".int8.onnx")
+    assert model.inference_net(1, "auto").path.name.endswith(f"{DEFAULT_MODEL.stem}.onnx")
+    config = AnalysisConfig(torch_threads=1)
+    ref = analyze_slide(held_out.path, config)
+    fast = analyze_slide(held_out.path, config.replace(runtime="int8"))
+    assert len(ref.cells) >= 30
+    xy = ["x_um", "y_um"]
+    fi, ri = match_points(fast.cells[xy].to_numpy(), ref.cells[xy].to_numpy(), 0.5)
+    assert len(fi) == len(ref.cells) == len(fast.cells)
+    assert sorted(zip(fast.lesions["n_cells"], fast.lesions["class"], strict=True)) == sorted(
+        zip(ref.lesions["n_cells"], ref.lesions["class"], strict=True)
+    )
+    # It is a different network: its probabilities are not the float ones.
+    assert not np.array_equal(
+        fast.cells["centre_prob"].to_numpy()[fi], ref.cells["centre_prob"].to_numpy()[ri]
+    )
+
+
+def test_int8_is_part_of_the_run_key_and_falls_back_to_float_without_an_export(tmp_path, caplog):
+    """Results of the 8-bit network are never taken for the float network's (a resumed batch
+    reruns them), while PyTorch and ONNX Runtime share a key; a model without an 8-bit export
+    runs the float one and says so."""
+    from histo.batch import run_key
+    from models.runtime import OnnxNet
+
+    config = AnalysisConfig()
+    keys = {r: run_key("0" * 64, config.replace(runtime=r)) for r in ("auto", "torch", "int8")}
+    assert keys["auto"] == keys["torch"] != keys["int8"]
+    folder = tmp_path / "user"
+    folder.mkdir()
+    for suffix in (".pt", ".json", ".onnx"):
+        shutil.copy(DEFAULT_MODEL.with_suffix(suffix), folder / f"m{suffix}")
+    cfg = json.loads((folder / "m.json").read_text())
+    cfg["onnx"]["file"] = "m.onnx"
+    del cfg["onnx_int8"]
+    (folder / "m.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        net = load_model(folder / "m.pt").inference_net(1, "int8")
+    assert isinstance(net, OnnxNet) and net.path.name == "m.onnx"
+    assert "no 8-bit export" in caplog.text
+
+
 def test_fast_and_reference_networks_give_identical_cells(held_out):
     """The fused, channels-last copy the pipeline runs (`fast_inference_net`) against the
     network as trained, on a generated slide at the model's resolution."""
@@ -425,6 +476,22 @@ def test_network_lesions_do_not_depend_on_chunk_size(held_out, chunk_size_px):
     assert len(a.lesions) == len(b.lesions)
     np.testing.assert_array_equal(a.lesions.n_cells, b.lesions.n_cells)
     np.testing.assert_allclose(a.lesions[["x_um", "y_um"]], b.lesions[["x_um", "y_um"]], atol=0.01)
+
+
+def test_the_operating_point_is_chosen_on_unrounded_figures():
+    """One cell more on one of twenty slides near F1 1 decides, not the rounding (the means
+    of 0.3 and 0.8 agree to four decimals here); exact ties go to the lower threshold, and a
+    higher median beats a higher mean."""
+    easy = [1.0] * 18
+    per_slide = {
+        0.3: [0.9987, 0.9988, *easy],
+        0.8: [0.9996, 0.9988, *easy],
+        0.85: [0.9996, 0.9988, *easy],
+        0.95: [0.9987, 0.9976, *easy],
+    }
+    assert round(np.mean(per_slide[0.3]), 4) == round(np.mean(per_slide[0.8]), 4)
+    assert pick_centre_threshold(per_slide) == 0.8
+    assert pick_centre_threshold({0.5: [1.0, 0.9, 0.9], 0.7: [0.95, 0.95, 0.7]}) == 0.7
 
 
 def test_family_probability_is_part_of_the_training_slides_names(tmp_path):
