@@ -161,3 +161,18 @@ def test_slurm_job_script_renders_without_slurm():
     assert "#SBATCH --cpus-per-task=4" in script
     assert "#SBATCH --gres=gpu:1" in script
     assert "--nthreads 1" in script and "--nworkers 4" in script
+
+
+def test_the_int8_runtime_is_a_different_analysis_and_torch_is_not(tmp_path, good):
+    """A slide analysed with the default runtime is skipped when run again in PyTorch (the
+    same cells), but analysed again with ``--runtime int8``, whose summary says so."""
+    out = tmp_path / "out"
+    first = lungmets("run", good.path, "--out", out, "--method", "unet")
+    assert first.returncode == 0, first.stderr
+    again = lungmets("run", good.path, "--out", out, "--method", "unet", "--runtime", "torch")
+    assert again.returncode == 0 and "1 already done and skipped" in again.stdout, again.stdout
+    int8 = lungmets("run", good.path, "--out", out, "--method", "unet", "--runtime", "int8")
+    assert int8.returncode == 0 and "0 already done and skipped" in int8.stdout, int8.stdout
+    summary = json.loads((out / "good" / "summary.json").read_text())
+    assert summary["parameters"]["runtime"] == "int8"
+    assert summary["counts"]["her2_cells"] == len(good.cells)
