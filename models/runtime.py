@@ -10,7 +10,9 @@ missing or does not belong to these tensors (a model trained by the user), or on
 PyTorch runs the network as before: the results are the same either way.
 
 `export_onnx` writes the export (it needs the ``onnx`` package, a developer's tool only: the
-users' installs never export).
+users' installs never export). `quantize_onnx` writes its 8-bit copy (``--runtime int8``,
+opt-in: faster, but a cell near the operating point may come out differently; BENCHMARKS.md
+"Network speed (CPU)").
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def onnx_file(model_path: str | Path, config: dict, kind: str = "onnx") -> Path 
         log.debug("%s: no %s export of these tensors", model_path, kind)
         return None
     if hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
-        log.warning("%s: checksum does not match the model's JSON; running PyTorch instead", path)
+        log.warning("%s: checksum does not match the model's JSON; not used", path)
         return None
     return path
 
