@@ -555,11 +555,11 @@ def calibration_inputs(slides, crops_per_slide: int = 8, size_px: int = 192, see
     from .infer import normalise
 
     rng = np.random.default_rng(seed)
+    half = size_px // 2
     out = []
     for path in slides:
         data = slide_data(path)
         _, h, w = data.linear.shape
-        half = size_px // 2
         for k in range(crops_per_slide):
             if k % 2 == 0 and len(data.centres):
                 cy, cx = data.centres[rng.integers(len(data.centres))]
