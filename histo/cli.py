@@ -591,8 +591,10 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(
             f"unknown appearance families: {', '.join(unknown)}; known: {', '.join(FAMILIES)}"
         )
+    if args.operating_point_only and not args.from_reviews:
+        raise InputError("--operating-point-only needs --from-reviews (reviewed slides)")
     if args.from_reviews:
-        return _run_teach(args)
+        return _run_operating_point(args) if args.operating_point_only else _run_teach(args)
     if args.validate_on:
         raise InputError("--validate-on needs --from-reviews (reviewed slides to train on)")
     config = TrainConfig(
@@ -640,6 +642,25 @@ def _review_folders(paths) -> list[Path]:
                 f"{p}: not a result folder (no summary.json); give an output of 'lungmets run'"
             )
     return out
+
+
+def _run_operating_point(args: argparse.Namespace) -> int:
+    from models.teach import calibrate_on_reviews
+
+    folders = _review_folders(args.from_reviews)
+    with _tqdm_progress("operating point") as progress:
+        cal = calibrate_on_reviews(args.out, folders, init_model=args.from_model, progress=progress)
+    f1 = cal["f1"]
+    print(
+        f"model:  {cal['model_path']} (the same tensors; centre threshold {cal['parent']} -> "
+        f"{cal['centre_threshold']}, chosen on {cal['n_reviewed']} cells in regions reviewed "
+        f"completely on {len(cal['slides'])} slide(s))"
+    )
+    print("cell F1 (median over slides) by threshold: " + ", ".join(
+        f"{t}: {v:.3f}" for t, v in f1.items()
+    ))  # fmt: skip
+    print(f"use it: {PROG} run SLIDES... --model {cal['model_path']}")
+    return 0
 
 
 def _run_teach(args: argparse.Namespace) -> int:
@@ -1113,6 +1134,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RESULTS",
         help="with --from-reviews: reviewed slides NOT used for training; prints the cell F1 "
         "against their reviews before and after",
+    )
+    train.add_argument(
+        "--operating-point-only",
+        action="store_true",
+        help="with --from-reviews: keep the model's tensors and choose only its operating "
+        "point (the nucleus-centre threshold) on the regions reviewed completely",
     )
     train.add_argument(
         "--synthetic-share",

@@ -608,6 +608,53 @@ def compare_on(model_path, folder) -> dict:
     }
 
 
+def _reviewed_and_found(model_path, rs: ReviewedSlide):
+    """The reviewed cells and the model's cells on a reviewed slide, over its complete regions
+    (or all of it when none was marked): (reviewed x/y um (N, 2), found cells table)."""
+    from histo.config import AnalysisConfig
+    from histo.pipeline import analyze_slide
+
+    config = AnalysisConfig(model_path=str(model_path))
+    kw = {"channels": rs.channels, "pixel_size_um": rs.pixel_size_um}
+    truth, found = [], []
+    for box in rs.boxes or [None]:
+        if box is None:
+            result = analyze_slide(rs.slide_path, config, **kw)
+            truth.append(rs.positives)
+            found.append(result.cells)
+            continue
+        x0, y0, x1, y1 = box
+        px = _pixel_size(rs)
+        region = (int(y0 / px), int(np.ceil(y1 / px)), int(x0 / px), int(np.ceil(x1 / px)))
+        result = analyze_slide(rs.slide_path, config, region_px=region, **kw)
+        p = rs.positives
+        truth.append(p[(p[:, 0] >= x0) & (p[:, 0] < x1) & (p[:, 1] >= y0) & (p[:, 1] < y1)])
+        c = result.cells
+        x, y = c["x_um"].to_numpy(float), c["y_um"].to_numpy(float)
+        found.append(c[(x >= x0) & (x < x1) & (y >= y0) & (y < y1)])
+    import pandas as pd
+
+    return np.concatenate(truth).reshape(-1, 2), pd.concat(found, ignore_index=True)
+
+
+def _f1(found_xy: np.ndarray, truth_xy: np.ndarray) -> dict:
+    from histo.evaluate import match_points
+
+    pi, _ = match_points(found_xy, truth_xy, MATCH_UM)
+    tp = len(pi)
+    precision = tp / max(len(found_xy), 1)
+    recall = tp / max(len(truth_xy), 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-9)
+    return {
+        "f1": round(f1, 4),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "n_reviewed": int(len(truth_xy)),
+        "n_found": int(len(found_xy)),
+        "count_error": round(len(found_xy) / max(len(truth_xy), 1) - 1, 4),
+    }
+
+
 def validate(model_path, folder) -> dict:
     """Cell F1 of a model against a reviewed slide: the slide (its complete regions, or all of
     it) analysed with the model, cells matched within `MATCH_UM` to the reviewed ones.
@@ -617,46 +664,124 @@ def validate(model_path, folder) -> dict:
     dict
         f1, precision, recall, n_reviewed, n_found, count_error (found / reviewed - 1).
     """
-    from histo.config import AnalysisConfig
-    from histo.evaluate import match_points
-    from histo.pipeline import analyze_slide
+    truth, found = _reviewed_and_found(model_path, reviewed_slide(folder))
+    return _f1(found[["x_um", "y_um"]].to_numpy(float).reshape(-1, 2), truth)
 
-    rs = reviewed_slide(folder)
-    config = AnalysisConfig(model_path=str(model_path))
-    kw = {"channels": rs.channels, "pixel_size_um": rs.pixel_size_um}
-    truth, found = [], []
-    regions = rs.boxes or [None]
-    for box in regions:
-        if box is None:
-            result = analyze_slide(rs.slide_path, config, **kw)
-            inside_t = np.ones(len(rs.positives), bool)
-        else:
-            x0, y0, x1, y1 = box
-            px = _pixel_size(rs)
-            region = (int(y0 / px), int(np.ceil(y1 / px)), int(x0 / px), int(np.ceil(x1 / px)))
-            result = analyze_slide(rs.slide_path, config, region_px=region, **kw)
-            p = rs.positives
-            inside_t = (p[:, 0] >= x0) & (p[:, 0] < x1) & (p[:, 1] >= y0) & (p[:, 1] < y1)
-        c = result.cells[["x_um", "y_um"]].to_numpy(float).reshape(-1, 2)
-        if box is not None:
-            inside = (c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)
-            c = c[inside]
-        truth.append(rs.positives[inside_t])
-        found.append(c)
-    t, f = np.concatenate(truth), np.concatenate(found)
-    pi, _ = match_points(f, t, MATCH_UM)
-    tp = len(pi)
-    precision = tp / max(len(f), 1)
-    recall = tp / max(len(t), 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-9)
-    return {
-        "f1": round(f1, 4),
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
-        "n_reviewed": int(len(t)),
-        "n_found": int(len(f)),
-        "count_error": round(len(f) / max(len(t), 1) - 1, 4),
+
+#: The fewest cells in regions reviewed completely that `calibrate_on_reviews` chooses an
+#: operating point from (fewer, and one cell more or less decides it).
+MIN_REVIEWED_CELLS = 50
+
+
+def calibrate_on_reviews(out, folders, *, init_model=None, progress=None) -> dict:
+    """Choose a model's operating point (its nucleus-centre threshold) on your reviewed slides,
+    keeping its tensors: a copy of the model with that threshold, for a study whose images the
+    network's peaks are less (or more) sure of than on the slides it was calibrated on.
+
+    Only regions marked *reviewed completely* count (there every cell is known, so false
+    cells are too). Each reviewed slide is analysed with the model at the lowest threshold of
+    `models.train.CENTRE_THRESHOLDS`; each threshold's cell F1 against the review is computed
+    per slide, and the threshold chosen as `models.train.pick_centre_threshold` chooses it.
+
+    Parameters
+    ----------
+    out : str or Path
+        The model to write (.pt; its .json and ONNX exports beside it).
+    folders : list of Path
+        Reviewed result folders (`lungmets run` outputs with a corrections journal).
+    init_model : str or Path, optional
+        The model to calibrate (default: the shipped one).
+
+    Returns
+    -------
+    dict
+        ``centre_threshold`` (chosen), ``parent`` (the model's own), ``f1`` per threshold
+        (median over slides), ``f1_per_slide``, ``n_reviewed``, ``model_path``.
+
+    Raises
+    ------
+    InputError
+        If no complete region was marked, or fewer than `MIN_REVIEWED_CELLS` cells lie in them.
+    """
+    import tempfile
+
+    from histo.errors import InputError
+
+    from . import DEFAULT_MODEL, model_config
+    from .train import CENTRE_THRESHOLDS, pick_centre_threshold
+
+    parent = Path(init_model or DEFAULT_MODEL)
+    reviews = [reviewed_slide(f) for f in folders]
+    if not any(rs.boxes for rs in reviews):
+        raise InputError(
+            "no region marked 'reviewed completely' in these reviews: an operating point needs "
+            "regions where every cell is known (mark them in napari's Review widget)"
+        )
+    reviews = [rs for rs in reviews if rs.boxes]
+    low = min(CENTRE_THRESHOLDS)
+    per_slide = {t: [] for t in CENTRE_THRESHOLDS}
+    n_reviewed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = _copy_model(parent, Path(tmp) / parent.name, centre_threshold=low)
+        for i, rs in enumerate(reviews):
+            if progress is not None:
+                progress(i, len(reviews), "analysing reviewed slides")
+            truth, found = _reviewed_and_found(probe, rs)
+            n_reviewed += len(truth)
+            for t in CENTRE_THRESHOLDS:
+                keep = found[found["centre_prob"] >= t]
+                per_slide[t].append(_f1(keep[["x_um", "y_um"]].to_numpy(float), truth)["f1"])
+    if n_reviewed < MIN_REVIEWED_CELLS:
+        raise InputError(
+            f"only {n_reviewed} cells lie in the regions reviewed completely; an operating point "
+            f"needs at least {MIN_REVIEWED_CELLS} (mark more regions as reviewed completely)"
+        )
+    best = pick_centre_threshold(per_slide)
+    own = model_config(parent).get("centre_threshold")
+    calibration = {
+        "centre_threshold": best,
+        "f1": {t: round(float(np.median(v)), 4) for t, v in per_slide.items()},
+        "f1_per_slide": per_slide,
+        "slides": [rs.slide_path.name for rs in reviews],
+        "n_reviewed": n_reviewed,
+        "from_reviews": [str(rs.folder) for rs in reviews],
     }
+    path = _copy_model(
+        parent,
+        out,
+        centre_threshold=best,
+        centre_threshold_calibration=calibration,
+        operating_point_of=parent.name,
+    )
+    if progress is not None:
+        progress(len(reviews), len(reviews), "analysing reviewed slides")
+    return {**calibration, "parent": own, "model_path": path}
+
+
+def _copy_model(src: Path, dst, **fields) -> Path:
+    """The model `src` (tensors, ONNX exports) copied to `dst` with `fields` set in its JSON;
+    the tensors, and so the SHA-256, are the same."""
+    import shutil
+
+    from histo.atomic import write_json
+
+    from . import model_config
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    cfg = dict(model_config(src))
+    shutil.copyfile(src, dst)
+    for kind, suffix in (("onnx", ".onnx"), ("onnx_int8", ".int8.onnx")):
+        entry = cfg.get(kind)
+        export = src.with_name(entry["file"]) if entry else None
+        if export is None or not export.is_file():
+            cfg.pop(kind, None)
+            continue
+        shutil.copyfile(export, dst.with_suffix(suffix))
+        cfg[kind] = {**entry, "file": dst.with_suffix(suffix).name}
+    cfg.update(fields)
+    write_json(cfg, dst.with_suffix(".json"))
+    return dst
 
 
 def _pixel_size(rs: ReviewedSlide) -> float:

@@ -465,9 +465,11 @@ def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
     return dst
 
 
-def calibrate_centre_threshold(
-    model_path, slides, thresholds=(0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
-) -> dict:
+#: The nucleus-centre thresholds an operating point is chosen from.
+CENTRE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
+
+
+def calibrate_centre_threshold(model_path, slides, thresholds=CENTRE_THRESHOLDS) -> dict:
     """The nucleus-centre probability above which a peak is a cell, chosen on `slides`.
 
     Runs the real analysis (`histo.analyze_slide`, default settings) with the model on slides

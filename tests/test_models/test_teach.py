@@ -48,22 +48,27 @@ def test_targets_from_points_match_the_hand_made_expectation():
     assert weight[:, 35, 5].min() == 1.0 and target[:, 35, 5].max() == 0.0
 
 
+def _sections(folder, seeds, size_px: int, dpi: int) -> list:
+    """Infected sections ``lung0.ome.tif`` ... of `size_px` square, one per seed."""
+    return [
+        generate_slide(
+            folder / f"lung{i}.ome.tif",
+            size_px=(size_px, size_px),
+            group="IAV",
+            dpi=dpi,
+            seed=seed,
+            labels=False,
+        )
+        for i, seed in enumerate(seeds)
+    ]
+
+
 @pytest.fixture(scope="module")
 def reviewed(tmp_path_factory):
     """Two analysed sections (the classical detector, fast), both reviewed: a cell added, one
     deleted, a lesion rejected, a region marked complete."""
     d = tmp_path_factory.mktemp("teach")
-    slides = [
-        generate_slide(
-            d / f"lung{i}.ome.tif",
-            size_px=(1024, 1024),
-            group="IAV",
-            dpi=15,
-            seed=41 + i,
-            labels=False,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    slides = _sections(d, seeds=(41, 42), size_px=1024, dpi=15)
     outs = run_batch([s.path for s in slides], d / "results", AnalysisConfig(method="classical"))
     assert all(o.ok for o in outs)
     for o in outs:
@@ -150,3 +155,89 @@ def test_fine_tuning_from_reviews_through_the_cli(reviewed, tmp_path):
     )  # fmt: skip
     assert same.returncode != 0 and "must not be trained on" in same.stderr
     assert "Traceback" not in same.stderr
+
+
+def _degraded_model(folder, shift: float):
+    """The shipped model with its nucleus-centre output lowered by `shift` logits: a network
+    whose peaks are less sure than on the slides its operating point was chosen on."""
+    import hashlib
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
+    state["head.bias"] = state["head.bias"] - torch.tensor([0.0, shift, 0.0])
+    path = folder / "unsure.pt"
+    torch.save(state, path)
+    cfg = dict(model_config(DEFAULT_MODEL))
+    cfg["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for kind in ("onnx", "onnx_int8"):
+        cfg.pop(kind, None)  # exports of other tensors: PyTorch runs it
+    (folder / "unsure.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_an_operating_point_chosen_on_reviews_finds_the_cells_again(tmp_path):
+    """A network that misses cells at its operating point (its peaks lowered by 2.1 logits:
+    recall about 0.93, `test_unet`), a slide reviewed completely from the generator's truth
+    (missed cells added, false ones deleted): `--operating-point-only` keeps the tensors and
+    lowers the threshold, and on another slide, not reviewed, the copy finds the cells the
+    model missed."""
+    from histo.evaluate import evaluate_cells, match_points
+    from histo.pipeline import analyze_slide
+
+    unsure = _degraded_model(tmp_path / "model", 2.1)
+    slides = _sections(tmp_path, seeds=(61, 62), size_px=1536, dpi=28)
+    config = AnalysisConfig(model_path=str(unsure))
+    (out,) = run_batch([slides[0].path], tmp_path / "results", config)
+    assert out.ok
+    s = ReviewSession(out.out_dir)
+    cells, truth = s.cells, slides[0].cells
+    pi, ti = match_points(
+        cells[["x_um", "y_um"]].to_numpy(), truth[["x_um", "y_um"]].to_numpy(), 5.0
+    )
+    missed = truth.drop(truth.index[ti])
+    assert len(missed) >= 5  # the premise: this model misses cells
+    for x, y in missed[["x_um", "y_um"]].to_numpy(float):
+        s.add_cell(float(x), float(y))
+    for c in np.setdiff1d(np.arange(len(cells)), pi):
+        s.delete_cell(int(cells.index[c]))
+    s.mark_complete(0.0, 0.0, 1536 * 0.5, 1536 * 0.5)
+
+    calibrated = tmp_path / "calibrated.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "histo", "train", str(calibrated), "--from-reviews",
+         str(out.out_dir), "--from-model", str(unsure), "--operating-point-only"],
+        capture_output=True, text=True, check=False, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "centre threshold 0.85 ->" in proc.stdout
+    cfg = load_model(calibrated).config  # loads: the same tensors, its SHA-256 checks out
+    assert cfg["sha256"] == model_config(unsure)["sha256"]
+    assert cfg["centre_threshold"] < 0.85
+    assert cfg["centre_threshold_calibration"]["n_reviewed"] == len(truth)
+    held_out = slides[1]
+    before = evaluate_cells(analyze_slide(held_out.path, config).cells, held_out.cells)
+    after = evaluate_cells(
+        analyze_slide(held_out.path, AnalysisConfig(model_path=str(calibrated))).cells,
+        held_out.cells,
+    )
+    assert before["recall"] < 0.97 and after["recall"] >= 0.99, (before, after)
+    assert after["precision"] >= 0.98
+
+
+def test_an_operating_point_needs_regions_reviewed_completely(tmp_path, reviewed):
+    """Reviews without a complete region say nothing of false cells: refused, with the fix."""
+    import shutil
+
+    from models.teach import calibrate_on_reviews
+
+    folder = tmp_path / "no_region"
+    shutil.copytree(reviewed[0], folder)
+    ReviewSession(folder).undo()  # the region marked complete was the last correction
+    assert reviewed_slide(folder).boxes == []
+    with pytest.raises(InputError, match="reviewed completely"):
+        calibrate_on_reviews(tmp_path / "x.pt", [folder])
+    with pytest.raises(InputError, match="at least 50"):  # 200 x 200 um: too few cells
+        calibrate_on_reviews(tmp_path / "y.pt", [reviewed[0]])
