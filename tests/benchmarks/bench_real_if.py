@@ -27,6 +27,9 @@ Sub-commands
                  ``tests/testthat/saved_masks.rds``) -> label TIFFs.
 ``label-table``  per-cell table of a label mask: centroid, area, mean of each channel (over the
                  cell, or the cell grown by ``--ring-um`` for nuclear masks) and an Otsu gate.
+``calibrate``    one field reviewed completely from its labels (a simulated scientist), the
+                 shipped model's operating point chosen on it (``lungmets train
+                 --operating-point-only``), every field x marker scored before and after.
 
 Data used (see /work/real_if_data/*/README.txt; nothing of it is in the repository)
 ---------------------------------------------------------------------------------
@@ -667,8 +670,126 @@ DETECTORS = (
 )
 
 
-def cmd_table(args) -> None:
+TABLE_HEADER = (
+    "| field | marker | labelled+ | labelled- | detector | detections | matched+ "
+    "| on marker- | unmatched | recall | precision | count ratio |",
+    "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+)
+
+
+def _labelled(field: dict, channel: str) -> tuple[set, set]:
+    """(marker+ ids, marker- ids) of a field's labelled cells, from its cell table."""
     import pandas as pd
+
+    table = pd.read_csv(field["cells"])
+    pos_ids = set(table["label"][table[f"{channel}_pos"].astype(bool)].astype(int).tolist())
+    return pos_ids, set(table["label"].astype(int).tolist()) - pos_ids
+
+
+def _table_row(field, label, channel, det, method, config, threads) -> str:
+    """One row of the published table: a field x marker scored with a detector."""
+    pos_ids, neg_ids = _labelled(field, channel)
+    row = score(
+        field["image"],
+        field["labels"],
+        channels=f"DAPI={field['nuclear']},HER2={channel}",
+        pixel_size_um=PIXEL_SIZE_UM,
+        pos_ids=pos_ids,
+        neg_ids=neg_ids,
+        method=method,
+        config=config,
+        threads=threads,
+    )
+    head = f"| {field['field']} | {label} | {len(pos_ids)} | {len(neg_ids)} | {det} "
+    if row["failed"]:
+        return head + f"| failed: {row['failed'][:80]} | | | | | | |"
+    return (
+        head + f"| {row['detections']} | {row['matched_pos']} | {row['on_neg']} "
+        f"| {row['unmatched']} | {row['recall']:.3f} | {row['precision']:.3f} "
+        f"| {row['count_ratio']:.2f} |"
+    )
+
+
+def cmd_calibrate(args) -> None:
+    """Review one field completely from its labels (a simulated scientist), choose the shipped
+    model's operating point on that review (`lungmets train --operating-point-only`), and
+    score every field x marker with the model before and after."""
+    import subprocess
+    import tempfile
+
+    from histo.evaluate import match_points
+    from histo.review import ReviewSession
+
+    fields = table_fields(Path(args.data))
+    rows = [(f, lab, ch) for f in fields for lab, ch in f["markers"]]
+    chosen = [r for r in rows if f"{r[0]['field']}:{r[1]}" == args.review]
+    if not chosen:
+        names = ", ".join(f"{f['field']}:{lab}" for f, lab, _ in rows)
+        sys.exit(f"--review {args.review!r}: not a field:marker of the table ({names})")
+    field, label, channel = chosen[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results"
+        cmd = [sys.executable, "-m", "histo", "run", str(field["image"]), "--out", str(results)]
+        cmd += ["--channels", f"DAPI={field['nuclear']},HER2={channel}"]
+        subprocess.run([*cmd, "--pixel-size-um", str(PIXEL_SIZE_UM)], check=True)
+        folder = results / Path(field["image"]).name.split(".")[0]
+        session = ReviewSession(folder, user="simulated")
+        labels = read_labels(field["labels"])
+        cents = cell_centroids(labels)
+        pos_ids, _ = _labelled(field, channel)
+        truth = (
+            np.array([[cents[i][1], cents[i][0]] for i in sorted(pos_ids) if i in cents], float)
+            * PIXEL_SIZE_UM
+        )
+        cells = session.cells
+        pi, ti = match_points(cells[["x_um", "y_um"]].to_numpy(), truth, 5.0)
+        missed = np.delete(truth, ti, axis=0)
+        false = np.setdiff1d(np.arange(len(cells)), pi)
+        for x, y in missed:
+            session.add_cell(float(x), float(y), ki67_pos=False)
+        for i in false:
+            session.delete_cell(int(cells.index[i]))
+        h, w = labels.shape
+        session.mark_complete(0.0, 0.0, w * PIXEL_SIZE_UM, h * PIXEL_SIZE_UM)
+        model = Path(tmp) / "calibrated.pt"
+        cal = subprocess.run(
+            [sys.executable, "-m", "histo", "train", str(model), "--from-reviews", str(folder),
+             "--operating-point-only"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        print(cal.stdout, flush=True)
+        lines = [
+            f"Reviewed: {field['field']} with {label} as HER2 ({len(missed)} cells added, "
+            f"{len(false)} deleted, the whole field marked reviewed completely).",
+            *[
+                line.replace(str(model), model.name)
+                for line in cal.stdout.splitlines()
+                if not line.startswith("use it")
+            ],
+            "",
+            *TABLE_HEADER,
+        ]
+        for f, lab, ch in rows:
+            for det, config in (("v4", {}), ("v4, calibrated", {"model_path": str(model)})):
+                lines.append(_table_row(f, lab, ch, det, "unet", config, args.threads))
+                print(lines[-1], flush=True)
+    lines[0:0] = [
+        f"Command: `python3 tests/benchmarks/bench_real_if.py calibrate --data DIR --review "
+        f"'{args.review}' --write` (threads {args.threads}).",
+        "",
+    ]
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _common import machine_line, write_section
+
+        write_section(
+            "bench_real_if_calibrated",
+            "Real images: the operating point chosen on one reviewed field",
+            [machine_line(), *lines],
+        )
+
+
+def cmd_table(args) -> None:
 
     data = Path(args.data)
     fields = table_fields(data)
@@ -679,40 +800,12 @@ def cmd_table(args) -> None:
             f"run `python3 tests/benchmarks/bench_real_if.py prepare --data {data}` first"
         )
     detectors = [d for d in DETECTORS if not args.detectors or d[0] in args.detectors.split(",")]
-    lines = [
-        "| field | marker | labelled+ | labelled- | detector | detections | matched+ "
-        "| on marker- | unmatched | recall | precision | count ratio |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    lines = list(TABLE_HEADER)
     for f in fields:
-        table = pd.read_csv(f["cells"])
         for label, channel in f["markers"]:
-            pos = table["label"][table[f"{channel}_pos"].astype(bool)].astype(int)
-            pos_ids = set(pos.tolist())
-            neg_ids = set(table["label"].astype(int).tolist()) - pos_ids
             for det, method, config in detectors:
-                row = score(
-                    f["image"],
-                    f["labels"],
-                    channels=f"DAPI={f['nuclear']},HER2={channel}",
-                    pixel_size_um=PIXEL_SIZE_UM,
-                    pos_ids=pos_ids,
-                    neg_ids=neg_ids,
-                    method=method,
-                    config=config,
-                    threads=args.threads,
-                )
-                head = f"| {f['field']} | {label} | {len(pos_ids)} | {len(neg_ids)} | {det} "
-                if row["failed"]:
-                    line = head + f"| failed: {row['failed'][:80]} | | | | | | |"
-                else:
-                    line = (
-                        head + f"| {row['detections']} | {row['matched_pos']} | {row['on_neg']} "
-                        f"| {row['unmatched']} | {row['recall']:.3f} | {row['precision']:.3f} "
-                        f"| {row['count_ratio']:.2f} |"
-                    )
-                lines.append(line)
-                print(line, flush=True)
+                lines.append(_table_row(f, label, channel, det, method, config, args.threads))
+                print(lines[-1], flush=True)
     if args.write:
         sys.path.insert(0, str(Path(__file__).parent))
         from _common import machine_line, write_section
@@ -791,6 +884,15 @@ def main(argv=None) -> None:
     tb.add_argument("--threads", type=int, default=1)
     tb.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     tb.set_defaults(func=cmd_table)
+
+    ca = sub.add_parser(
+        "calibrate", help="the operating point chosen on one reviewed field, every row scored"
+    )
+    ca.add_argument("--data", required=True, help="the folder `prepare` wrote")
+    ca.add_argument("--review", default="DCIS 2203:pan-CK", help="FIELD:MARKER to review")
+    ca.add_argument("--threads", type=int, default=1)
+    ca.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
+    ca.set_defaults(func=cmd_calibrate)
 
     args = ap.parse_args(argv)
     args.func(args)

@@ -256,6 +256,15 @@ BENCHES: list[Bench] = [
         needs="real-data",
         note="prepare DIR/real_if_data first: bench_real_if.py prepare --data ...",
     ),
+    Bench(
+        "real-if-calibrated",
+        "bench_real_if.py",
+        ["calibrate", "--data", "{real}/real_if_data"],
+        ["calibrate", "--data", "{real}/real_if_data"],
+        ("bench_real_if_calibrated",),
+        needs="real-data",
+        note="the operating point chosen on one reviewed real field",
+    ),
 ]
 
 
