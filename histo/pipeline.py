@@ -610,8 +610,15 @@ def iter_analyze_slide(
     t_chunks = time.perf_counter() - t0 - t_tissue
     fell_back = Counter(p.attrs["fallback"] for p in parts if p.attrs.get("fallback"))
     found = [p for p in parts if len(p)]
-    # Every chunk returns a table with the detector's columns, empty ones included.
-    cells = pd.concat(found, ignore_index=True) if found else parts[0]
+    # Every chunk returns a table with the detector's columns, empty ones included; a region
+    # without tissue has no chunk: the columns then come from one of its chunks, none of its rows.
+    if found:
+        cells = pd.concat(found, ignore_index=True)
+    elif parts:
+        cells = parts[0]
+    else:
+        first = plan_chunks(shape, config.chunk_size_px, config.halo_px, region_px=region_px)[0]
+        cells = _chunk_task(*args, first, config, stain).iloc[0:0]
     markers, cells = marker_thresholds(slide, mask_whole, mask_px, stain, config, cells)
     cells = apply_thresholds(cells, markers)
     cells, lesions = group_lesions(cells, config)

@@ -673,7 +673,16 @@ def validate(model_path, folder) -> dict:
 MIN_REVIEWED_CELLS = 50
 
 
-def calibrate_on_reviews(out, folders, *, init_model=None, progress=None) -> dict:
+def calibrate_on_reviews(out, folders, *, progress=None, **kwargs) -> dict:
+    """Choose a model's operating point on reviewed slides and write the copy (see
+    `iter_calibrate_on_reviews`, whose arguments it takes); `progress(done, total, message)`
+    is called as it goes."""
+    from histo._threads import run_reporting
+
+    return run_reporting(iter_calibrate_on_reviews(out, folders, **kwargs), progress)
+
+
+def iter_calibrate_on_reviews(out, folders, *, init_model=None, reanalyse=None):
     """Choose a model's operating point (its nucleus-centre threshold) on your reviewed slides,
     keeping its tensors: a copy of the model with that threshold, for a study whose images the
     network's peaks are less (or more) sure of than on the slides it was calibrated on.
@@ -691,12 +700,20 @@ def calibrate_on_reviews(out, folders, *, init_model=None, progress=None) -> dic
         Reviewed result folders (`lungmets run` outputs with a corrections journal).
     init_model : str or Path, optional
         The model to calibrate (default: the shipped one).
+    reanalyse : path-like, optional
+        A result folder analysed again with the new model afterwards (`compare_on`).
+
+    Yields
+    ------
+    tuple
+        ``(done, total, message)`` progress.
 
     Returns
     -------
     dict
         ``centre_threshold`` (chosen), ``parent`` (the model's own), ``f1`` per threshold
-        (median over slides), ``f1_per_slide``, ``n_reviewed``, ``model_path``.
+        (median over slides), ``f1_per_slide``, ``n_reviewed``, ``model_path``, and with
+        `reanalyse` ``compare`` (`compare_on`).
 
     Raises
     ------
@@ -704,6 +721,8 @@ def calibrate_on_reviews(out, folders, *, init_model=None, progress=None) -> dic
         If no complete region was marked, or fewer than `MIN_REVIEWED_CELLS` cells lie in them.
     """
     import tempfile
+
+    import pandas as pd
 
     from histo.errors import InputError
 
@@ -724,12 +743,13 @@ def calibrate_on_reviews(out, folders, *, init_model=None, progress=None) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         probe = _copy_model(parent, Path(tmp) / parent.name, centre_threshold=low)
         for i, rs in enumerate(reviews):
-            if progress is not None:
-                progress(i, len(reviews), "analysing reviewed slides")
+            yield (i, len(reviews), "analysing reviewed slides")
             truth, found = _reviewed_and_found(probe, rs)
             n_reviewed += len(truth)
+            # (a region where nothing was found has the detectors' empty table: no centre_prob)
+            prob = found.get("centre_prob", pd.Series(np.nan, index=found.index))
             for t in CENTRE_THRESHOLDS:
-                keep = found[found["centre_prob"] >= t]
+                keep = found[prob.to_numpy(float) >= t]
                 per_slide[t].append(_f1(keep[["x_um", "y_um"]].to_numpy(float), truth)["f1"])
     if n_reviewed < MIN_REVIEWED_CELLS:
         raise InputError(
@@ -753,9 +773,13 @@ def calibrate_on_reviews(out, folders, *, init_model=None, progress=None) -> dic
         centre_threshold_calibration=calibration,
         operating_point_of=parent.name,
     )
-    if progress is not None:
-        progress(len(reviews), len(reviews), "analysing reviewed slides")
-    return {**calibration, "parent": own, "model_path": path}
+    yield (len(reviews), len(reviews), "analysing reviewed slides")
+    result = {**calibration, "parent": own, "model_path": path}
+    if reanalyse is not None:
+        yield (0, 1, "analysing the slide with the new operating point")
+        result["compare"] = compare_on(path, reanalyse)
+        yield (1, 1, "analysing the slide with the new operating point")
+    return result
 
 
 def _copy_model(src: Path, dst, **fields) -> Path:

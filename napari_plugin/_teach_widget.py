@@ -4,7 +4,9 @@ It takes every reviewed slide (a ``corrections.jsonl``) of the results folder of
 lesions layer, fine-tunes the model (`models.teach.iter_teach`) in a worker thread with a
 progress bar and a Cancel button, analyses the chosen slide again with the new model and shows
 its counts as the analysis found them, as reviewed, and with the new model; the new results
-are added as layers. Nothing here names a group or a mouse.
+are added as layers. With "operating point only" it keeps the model's tensors and chooses only
+its nucleus-centre threshold on the regions reviewed completely
+(`models.teach.iter_calibrate_on_reviews`). Nothing here names a group or a mouse.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -43,6 +46,23 @@ def teach_and_compare(out, folders, slide_folder, *, init_model=None, steps=300,
     except InputError as exc:
         return str(exc)
     return result, result_layers(result.compare["results"])
+
+
+def calibrate_and_compare(out, folders, slide_folder, *, init_model=None):
+    """Worker body: `models.teach.iter_calibrate_on_reviews` with the chosen slide analysed
+    again; returns ``(calibration dict, layer-data tuples of the new results)``."""
+    from histo.errors import InputError
+    from models.teach import iter_calibrate_on_reviews
+
+    from ._layers import result_layers
+
+    try:
+        cal = yield from iter_calibrate_on_reviews(
+            out, folders, init_model=init_model, reanalyse=slide_folder
+        )
+    except InputError as exc:
+        return str(exc)
+    return cal, result_layers(cal["compare"]["results"])
 
 
 class TeachWidget(QWidget):
@@ -78,6 +98,12 @@ class TeachWidget(QWidget):
             "share of each batch from generated slides of the house style, so the network "
             "keeps what it knew (0: only your reviews)"
         )
+        self.operating_point_only = QCheckBox("operating point only (keep the tensors)")
+        self.operating_point_only.setToolTip(
+            "choose only the nucleus-centre threshold, on the regions you marked reviewed "
+            "completely (at least 50 cells): for images the network is less sure of"
+        )
+        self.operating_point_only.toggled.connect(self._on_mode)
         self.out_edit = QLineEdit()
         self.teach_button = QPushButton("Teach")
         self.cancel_button = QPushButton("Cancel")
@@ -97,8 +123,9 @@ class TeachWidget(QWidget):
         grid.addWidget(self.steps, 3, 1)
         grid.addWidget(QLabel("house-style share"), 4, 0)
         grid.addWidget(self.synthetic, 4, 1)
-        grid.addWidget(QLabel("new model"), 5, 0)
-        grid.addWidget(self.out_edit, 5, 1, 1, 2)
+        grid.addWidget(self.operating_point_only, 5, 0, 1, 3)
+        grid.addWidget(QLabel("new model"), 6, 0)
+        grid.addWidget(self.out_edit, 6, 1, 1, 2)
         buttons = QHBoxLayout()
         buttons.addWidget(self.teach_button)
         buttons.addWidget(self.cancel_button)
@@ -142,6 +169,10 @@ class TeachWidget(QWidget):
                 self.out_edit.setText(str(self.results_dir.parent / "lungmets_taught.pt"))
         self.teach_button.setEnabled(bool(folders) and self.worker is None)
 
+    def _on_mode(self, checked: bool) -> None:
+        self.steps.setEnabled(not checked)
+        self.synthetic.setEnabled(not checked)
+
     @property
     def results_dir(self) -> Path | None:
         """The results folder holding the chosen slide's result folder."""
@@ -177,16 +208,22 @@ class TeachWidget(QWidget):
             self._set_status(f"{out}: the new model is a .pt file; give a name like taught.pt")
             return
         slide_folder = Path(self.layer.metadata["lungmets_results"])
+        init_model = self.model_edit.text() or None
         self._pbar = progress(total=0, desc="lungmets: teaching")
-        worker = thread_worker(teach_and_compare, start_thread=False)(
-            out,
-            folders,
-            slide_folder,
-            init_model=self.model_edit.text() or None,
-            steps=int(self.steps.value()),
-            synthetic_share=float(self.synthetic.value()),
-            data_dir=self.results_dir.parent / "lungmets_training_data",
-        )
+        if self.operating_point_only.isChecked():
+            worker = thread_worker(calibrate_and_compare, start_thread=False)(
+                out, folders, slide_folder, init_model=init_model
+            )
+        else:
+            worker = thread_worker(teach_and_compare, start_thread=False)(
+                out,
+                folders,
+                slide_folder,
+                init_model=init_model,
+                steps=int(self.steps.value()),
+                synthetic_share=float(self.synthetic.value()),
+                data_dir=self.results_dir.parent / "lungmets_training_data",
+            )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.aborted.connect(lambda: self._set_status("Cancelled; no model written."))
@@ -216,20 +253,31 @@ class TeachWidget(QWidget):
             return
         result, layers = value
         self.result = result
-        c = result.compare
+        if isinstance(result, dict):  # operating point only
+            model_path, c = Path(result["model_path"]), result["compare"]
+            what = (
+                f"New model {model_path.name}: the same tensors, centre threshold "
+                f"{result['parent']} -> {result['centre_threshold']} (chosen on "
+                f"{result['n_reviewed']} cells reviewed completely)."
+            )
+        else:
+            model_path, c = result.model_path, result.compare
+            what = (
+                f"New model {model_path.name} ({result.n_corrections} corrections, "
+                f"{result.seconds:.0f} s)."
+            )
         a, r, n = c["analysed"], c["reviewed"], c["new_model"]
         for layer in list(self.viewer.layers):
             if str(layer.metadata.get("lungmets_results")) == str(c["results"]):
                 self.viewer.layers.remove(layer)
         for data, kwargs, kind in layers:  # named after the model, beside the reviewed ones
-            kwargs = {**kwargs, "name": f"{kwargs['name']} ({result.model_path.stem})"}
+            kwargs = {**kwargs, "name": f"{kwargs['name']} ({model_path.stem})"}
             self.viewer.add_layer(Layer.create(data, kwargs, kind))
         self._set_status(
-            f"New model {result.model_path.name} ({result.n_corrections} corrections, "
-            f"{result.seconds:.0f} s). HER2+ cells on this slide: {a['her2_cells']} as analysed, "
+            f"{what} HER2+ cells on this slide: {a['her2_cells']} as analysed, "
             f"{r['her2_cells']} as reviewed, {n['her2_cells']} with the new model "
             f"(lesions {a['lesions']} / {r['lesions']} / {n['lesions']}). "
-            f"Use it: lungmets run SLIDES --model {result.model_path}"
+            f"Use it: lungmets run SLIDES --model {model_path}"
         )
 
     def _on_finished(self) -> None:

@@ -266,6 +266,28 @@ def test_cli_run_goes_on_after_a_bad_slide(tmp_path, slide):
     assert "1 of 2 slides analysed" in proc.stdout
 
 
+@pytest.mark.parametrize("method", ["classical", "unet"])
+def test_a_region_of_glass_gives_empty_tables(slide, method):
+    """The napari view, or a region reviewed completely, over glass only: no chunk has tissue,
+    and the tables are empty with their columns (it raised an IndexError)."""
+    s = open_slide(slide.path)
+    mask, mask_px, _ = measure_background(s, AnalysisConfig())
+    k = int(np.ceil(100 / mask_px))  # a 100 um box of glass, found on the tissue mask
+    ys, xs = np.nonzero(~np.lib.stride_tricks.sliding_window_view(mask, (k, k)).any(axis=(2, 3)))
+    assert len(ys), "the section has no glass"
+    f = mask_px / s.pixel_size_um
+    region = (int(ys[0] * f), int((ys[0] + k) * f), int(xs[0] * f), int((xs[0] + k) * f))
+    result = analyze_slide(slide.path, AnalysisConfig(method=method), region_px=region)
+    assert len(result.cells) == 0 and len(result.lesions) == 0
+    whole = analyze_tile(
+        s.read_region(0, 0, 512, 0, 512), (0, 0), AnalysisConfig(method=method),
+        roles=s.roles, stain=measure_background(s, AnalysisConfig())[2],
+        pixel_size_um=s.pixel_size_um,
+    )  # fmt: skip
+    assert set(whole.columns) <= set(result.cells.columns) | {"x_px", "y_px"}
+    assert result.summary["counts"]["her2_cells"] == 0
+
+
 def test_a_region_reports_the_whole_slide_cells_inside_it(slide, reference):
     """The napari 'current view': the same cells as the whole slide, only those inside."""
     h, w = reference.summary["input"]["shape_px"][1:]

@@ -47,3 +47,43 @@ def test_teach_widget_fine_tunes_and_compares_the_counts(
     new = [lyr for lyr in viewer.layers if lyr.metadata.get("lungmets_results") == c["results"]]
     assert {lyr.metadata["lungmets_kind"] for lyr in new} == {"cells", "lesions"}
     assert all(lyr.name.endswith("(taught)") for lyr in new)
+
+
+def test_teach_widget_chooses_the_operating_point_only(make_napari_viewer, qtbot, tmp_path):
+    """ "Operating point only": the threshold chosen on a region reviewed completely, the same
+    tensors written under the new name, the slide analysed again and shown; with too few
+    reviewed cells, the reason is shown and nothing is written."""
+    from histo.batch import run_batch
+    from histo.config import AnalysisConfig
+    from histo.synthetic import generate_slide
+
+    s = generate_slide(
+        tmp_path / "lung.ome.tif", size_px=(1536, 1536), group="IAV", dpi=28, seed=61, labels=False
+    )
+    (out,) = run_batch([s.path], tmp_path / "results", AnalysisConfig(method="classical"))
+    session = ReviewSession(out.out_dir)
+    session.mark_complete(0.0, 0.0, 100.0, 100.0)  # a corner: too few cells
+    viewer = make_napari_viewer()
+    for data, kw, kind in get_results_reader(str(out.out_dir))(str(out.out_dir)):
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    _, widget = viewer.window.add_plugin_dock_widget("lungmets", "Teach (fine-tune from reviews)")
+    widget.operating_point_only.setChecked(True)
+    assert not widget.steps.isEnabled() and not widget.synthetic.isEnabled()
+    model = tmp_path / "study.pt"
+    widget.out_edit.setText(str(model))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    assert "at least 50" in widget.status_label.text() and not model.exists()
+
+    session.mark_complete(0.0, 0.0, 768.0, 768.0)  # the whole section
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    assert widget.result is not None, widget.status_label.text()
+    cfg = load_model(model).config
+    assert cfg["sha256"] == load_model(None).sha256  # the shipped tensors
+    assert cfg["centre_threshold"] == widget.result["centre_threshold"]
+    assert "the same tensors, centre threshold" in widget.status_label.text()
+    c = widget.result["compare"]
+    new = [lyr for lyr in viewer.layers if lyr.metadata.get("lungmets_results") == c["results"]]
+    assert {lyr.metadata["lungmets_kind"] for lyr in new} == {"cells", "lesions"}
+    assert all(lyr.name.endswith("(study)") for lyr in new)
