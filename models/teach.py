@@ -611,6 +611,8 @@ def compare_on(model_path, folder) -> dict:
 def _reviewed_and_found(model_path, rs: ReviewedSlide):
     """The reviewed cells and the model's cells on a reviewed slide, over its complete regions
     (or all of it when none was marked): (reviewed x/y um (N, 2), found cells table)."""
+    import pandas as pd
+
     from histo.config import AnalysisConfig
     from histo.pipeline import analyze_slide
 
@@ -632,8 +634,6 @@ def _reviewed_and_found(model_path, rs: ReviewedSlide):
         c = result.cells
         x, y = c["x_um"].to_numpy(float), c["y_um"].to_numpy(float)
         found.append(c[(x >= x0) & (x < x1) & (y >= y0) & (y < y1)])
-    import pandas as pd
-
     return np.concatenate(truth).reshape(-1, 2), pd.concat(found, ignore_index=True)
 
 
@@ -784,24 +784,29 @@ def iter_calibrate_on_reviews(out, folders, *, init_model=None, reanalyse=None):
 
 def _copy_model(src: Path, dst, **fields) -> Path:
     """The model `src` (tensors, ONNX exports) copied to `dst` with `fields` set in its JSON;
-    the tensors, and so the SHA-256, are the same."""
+    the tensors, and so the SHA-256, are the same. Each file is written atomically, the JSON
+    last."""
     import shutil
 
-    from histo.atomic import write_json
+    from histo.atomic import atomic_path, write_json
 
     from . import model_config
 
-    dst = Path(dst)
+    def copy(a: Path, b: Path) -> None:
+        with atomic_path(b) as tmp:
+            shutil.copyfile(a, tmp)
+
+    src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     cfg = dict(model_config(src))
-    shutil.copyfile(src, dst)
+    copy(src, dst)
     for kind, suffix in (("onnx", ".onnx"), ("onnx_int8", ".int8.onnx")):
         entry = cfg.get(kind)
         export = src.with_name(entry["file"]) if entry else None
         if export is None or not export.is_file():
             cfg.pop(kind, None)
             continue
-        shutil.copyfile(export, dst.with_suffix(suffix))
+        copy(export, dst.with_suffix(suffix))
         cfg[kind] = {**entry, "file": dst.with_suffix(suffix).name}
     cfg.update(fields)
     write_json(cfg, dst.with_suffix(".json"))
