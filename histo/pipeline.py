@@ -582,7 +582,8 @@ def iter_analyze_slide(
         tissue_downsample=mask_px / slide.pixel_size_um,
         region_px=region_px,
     )
-    n_all = len(plan_chunks(shape, config.chunk_size_px, config.halo_px, region_px=region_px))
+    all_chunks = plan_chunks(shape, config.chunk_size_px, config.halo_px, region_px=region_px)
+    n_all = len(all_chunks)
     mask_whole = mask
     if region_px is not None:
         mask = _mask_in_region(mask, mask_px / slide.pixel_size_um, region_px)
@@ -617,8 +618,7 @@ def iter_analyze_slide(
     elif parts:
         cells = parts[0]
     else:
-        first = plan_chunks(shape, config.chunk_size_px, config.halo_px, region_px=region_px)[0]
-        cells = _chunk_task(*args, first, config, stain).iloc[0:0]
+        cells = _chunk_task(*args, all_chunks[0], config, stain).iloc[0:0]
     markers, cells = marker_thresholds(slide, mask_whole, mask_px, stain, config, cells)
     cells = apply_thresholds(cells, markers)
     cells, lesions = group_lesions(cells, config)

@@ -271,7 +271,7 @@ def test_a_region_of_glass_gives_empty_tables(slide, method):
     """The napari view, or a region reviewed completely, over glass only: no chunk has tissue,
     and the tables are empty with their columns (it raised an IndexError)."""
     s = open_slide(slide.path)
-    mask, mask_px, _ = measure_background(s, AnalysisConfig())
+    mask, mask_px, stain = measure_background(s, AnalysisConfig())
     k = int(np.ceil(100 / mask_px))  # a 100 um box of glass, found on the tissue mask
     ys, xs = np.nonzero(~np.lib.stride_tricks.sliding_window_view(mask, (k, k)).any(axis=(2, 3)))
     assert len(ys), "the section has no glass"
@@ -281,7 +281,7 @@ def test_a_region_of_glass_gives_empty_tables(slide, method):
     assert len(result.cells) == 0 and len(result.lesions) == 0
     whole = analyze_tile(
         s.read_region(0, 0, 512, 0, 512), (0, 0), AnalysisConfig(method=method),
-        roles=s.roles, stain=measure_background(s, AnalysisConfig())[2],
+        roles=s.roles, stain=stain,
         pixel_size_um=s.pixel_size_um,
     )  # fmt: skip
     assert set(whole.columns) <= set(result.cells.columns) | {"x_px", "y_px"}
