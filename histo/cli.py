@@ -647,6 +647,12 @@ def _review_folders(paths) -> list[Path]:
 def _run_operating_point(args: argparse.Namespace) -> int:
     from models.teach import calibrate_on_reviews
 
+    if args.slides or args.validate_on:
+        raise InputError(
+            "--operating-point-only chooses a threshold on the reviewed slides and trains "
+            "nothing: drop --slides and --validate-on (run the new model on other slides to "
+            "check it)"
+        )
     folders = _review_folders(args.from_reviews)
     with _tqdm_progress("operating point") as progress:
         cal = calibrate_on_reviews(args.out, folders, init_model=args.from_model, progress=progress)

@@ -241,3 +241,11 @@ def test_an_operating_point_needs_regions_reviewed_completely(tmp_path, reviewed
         calibrate_on_reviews(tmp_path / "x.pt", [folder])
     with pytest.raises(InputError, match="at least 50"):  # 200 x 200 um: too few cells
         calibrate_on_reviews(tmp_path / "y.pt", [reviewed[0]])
+    # --validate-on would be ignored: refused, not silently dropped.
+    proc = subprocess.run(
+        [sys.executable, "-m", "histo", "train", str(tmp_path / "z.pt"), "--from-reviews",
+         str(reviewed[0]), "--validate-on", str(reviewed[1]), "--operating-point-only"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "drop --slides and --validate-on" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "z.pt").exists()
