@@ -20,4 +20,6 @@ __version__ = "0.1.0"
 #: (`histo.network.MACROPHAGE_OVER_NUCLEUS`: HER2 bleeding into Ki67 lost foci). 10: a
 #: HER2-negative population may also be one whose HER2 is that of the slide's ordinary cells
 #: (`histo.markers.negative_population`, ``negative_upper``: the reference at the noise).
-ANALYSIS_REVISION = 10
+#: 11: detections just above their own autofluorescence, 2-fold or more below all others in
+#: HER2 over it, are autofluorescent tissue (`AnalysisConfig.her2_min_af_population_gap`).
+ANALYSIS_REVISION = 11

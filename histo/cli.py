@@ -334,6 +334,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             her2_threshold=args.her2_threshold,
             her2_min_over_autofluorescence=args.her2_over_autofluorescence,
             her2_min_population_gap=args.her2_population_gap,
+            her2_min_af_population_gap=args.her2_af_population_gap,
         )
     except ValueError as exc:
         raise InputError(f"bad analysis settings: {exc}") from None
@@ -856,6 +857,16 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         help="detections whose HER2 is that of unstained tissue and that lie at least FOLD "
         "times below all other detections form a HER2-negative population and are not "
         "counted; 0: no check (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--her2-af-population-gap",
+        type=_non_negative_float,
+        default=_DEFAULTS.her2_min_af_population_gap,
+        metavar="FOLD",
+        help="the same in HER2 over what each cell's own autofluorescence gives: detections "
+        "at most 2x their autofluorescence that lie at least FOLD times below all other "
+        "detections are autofluorescent tissue and are not counted; 0: no check "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--chunk-size",

@@ -109,6 +109,12 @@ class AnalysisConfig:
         gap of at least this fold change in HER2 are a HER2-negative population and are not
         counted (`histo.markers.negative_population`); the slide's own cells decide. 0 turns
         the check off.
+    her2_min_af_population_gap : float
+        The same for HER2 over what each cell's own autofluorescence gives (``her2_af_ratio``,
+        with Ki67 and the network detector): detections at most twice their autofluorescence
+        (median) that lie at least this fold below all other detections are autofluorescent
+        tissue (hepatocytes just above ``her2_min_over_autofluorescence``), not HER2+ cells,
+        which spread continuously from a few times it upwards. 0 turns the check off.
     """
 
     method: str = "unet"
@@ -143,6 +149,7 @@ class AnalysisConfig:
     her2_threshold: float | str = "off"
     her2_min_over_autofluorescence: float = 1.1
     her2_min_population_gap: float = 4.0
+    her2_min_af_population_gap: float = 2.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -157,6 +164,11 @@ class AnalysisConfig:
             raise ValueError(
                 "her2_min_population_gap must be >= 0 (0: no check), got "
                 f"{self.her2_min_population_gap!r}"
+            )
+        if not self.her2_min_af_population_gap >= 0:
+            raise ValueError(
+                "her2_min_af_population_gap must be >= 0 (0: no check), got "
+                f"{self.her2_min_af_population_gap!r}"
             )
         if not self.her2_min_over_autofluorescence >= 0:
             raise ValueError(

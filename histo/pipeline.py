@@ -358,13 +358,13 @@ def marker_thresholds(
     if "ki67_raw_mean" not in cells:
         cells = cells.assign(ki67_raw_mean=cells["ki67_mean"])
     cells, checked = _autofluorescence_check(slide, stain, config, out, cells)
-    out["HER2"] = replace(out["HER2"], autofluorescence=checked)
     # The ordinary cells' HER2 bound: the calibrated threshold, applied or not (a user's own
     # HER2 threshold is not calibrated on them, so there is none).
     her2 = out["HER2"]
     upper = None if her2.method == "user" else her2.threshold
     cells, population = _negative_population_check(config, cells, upper)
-    out["HER2"] = replace(out["HER2"], negative_population=population)
+    cells, checked["population"] = _autofluorescent_population_check(config, cells)
+    out["HER2"] = replace(out["HER2"], autofluorescence=checked, negative_population=population)
     return out, cells.drop(columns=[c for c in _BLEED_COLUMNS if c in cells])
 
 
@@ -443,6 +443,29 @@ def _negative_population_check(config, cells, negative_upper=None):
             "%.1f-fold below the others): not counted",
             info["removed"],
             info["median_ratio"],
+            info["gap"],
+        )
+        cells = cells[~negative].reset_index(drop=True)
+    return cells, info
+
+
+def _autofluorescent_population_check(config, cells):
+    """`cells` without a population of their own just above what their autofluorescence
+    gives (`histo.markers.negative_population` over ``her2_af_ratio``, at most
+    `NEGATIVE_POPULATION_MAX_RATIO` times it, ``config.her2_min_af_population_gap`` below all
+    others), and what was done."""
+    from .markers import negative_population
+
+    gap = float(config.her2_min_af_population_gap)
+    if len(cells) == 0 or "her2_af_ratio" not in cells:
+        return cells, {"min_gap": gap, "removed": 0}
+    negative, info = negative_population(cells["her2_af_ratio"].to_numpy(np.float64), min_gap=gap)
+    if negative.any():
+        log.info(
+            "%d detections stand %.2fx or less over their own autofluorescence, %.1f-fold below "
+            "the others: autofluorescent tissue, not counted",
+            info["removed"],
+            info["below"],
             info["gap"],
         )
         cells = cells[~negative].reset_index(drop=True)
