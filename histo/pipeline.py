@@ -425,48 +425,48 @@ def _negative_population_check(config, cells, negative_upper=None):
     """`cells` without a HER2-negative population of their own
     (`histo.markers.negative_population`; `negative_upper`: the HER2 threshold calibrated on
     the slide's ordinary cells, or None), and what was done."""
-    from .markers import negative_population
 
-    if len(cells) == 0 or "her2_ratio" not in cells:
-        return cells, {"min_gap": float(config.her2_min_population_gap), "removed": 0}
-    af = cells["her2_af_ratio"].to_numpy(np.float64) if "her2_af_ratio" in cells else None
-    negative, info = negative_population(
-        cells["her2_ratio"].to_numpy(np.float64),
-        min_gap=config.her2_min_population_gap,
-        af_ratio=af,
-        her2_mean=cells["her2_mean"].to_numpy(np.float64) if "her2_mean" in cells else None,
+    def column(name):
+        return cells[name].to_numpy(np.float64) if name in cells else None
+
+    return _drop_population(
+        cells,
+        "her2_ratio",
+        config.her2_min_population_gap,
+        "HER2 of unstained tissue",
+        af_ratio=column("her2_af_ratio"),
+        her2_mean=column("her2_mean"),
         negative_upper=negative_upper,
     )
-    if negative.any():
-        log.info(
-            "%d detections form a HER2-negative population (median HER2 %.2fx the reference, "
-            "%.1f-fold below the others): not counted",
-            info["removed"],
-            info["median_ratio"],
-            info["gap"],
-        )
-        cells = cells[~negative].reset_index(drop=True)
-    return cells, info
 
 
 def _autofluorescent_population_check(config, cells):
     """`cells` without a population of their own just above what their autofluorescence
-    gives (`histo.markers.negative_population` over ``her2_af_ratio``, at most
+    gives (`histo.markers.negative_population` over ``her2_af_ratio``: at most
     `NEGATIVE_POPULATION_MAX_RATIO` times it, ``config.her2_min_af_population_gap`` below all
     others), and what was done."""
+    return _drop_population(
+        cells, "her2_af_ratio", config.her2_min_af_population_gap, "autofluorescent tissue"
+    )
+
+
+def _drop_population(cells, column, min_gap, what, **kw):
+    """`cells` without the population `histo.markers.negative_population` finds below a gap
+    in `column` (none where the column is absent), and its info dict."""
     from .markers import negative_population
 
-    gap = float(config.her2_min_af_population_gap)
-    if len(cells) == 0 or "her2_af_ratio" not in cells:
-        return cells, {"min_gap": gap, "removed": 0}
-    negative, info = negative_population(cells["her2_af_ratio"].to_numpy(np.float64), min_gap=gap)
+    if len(cells) == 0 or column not in cells:
+        return cells, {"min_gap": float(min_gap), "removed": 0}
+    negative, info = negative_population(cells[column].to_numpy(np.float64), min_gap=min_gap, **kw)
     if negative.any():
         log.info(
-            "%d detections stand %.2fx or less over their own autofluorescence, %.1f-fold below "
-            "the others: autofluorescent tissue, not counted",
+            "%d detections form a population of their own, %.1f-fold below the others in %s "
+            "(median %.2f): %s, not counted",
             info["removed"],
-            info["below"],
             info["gap"],
+            column,
+            info["median_ratio"],
+            what,
         )
         cells = cells[~negative].reset_index(drop=True)
     return cells, info
