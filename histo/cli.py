@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from histo._version import __version__
-from histo.config import METHODS, RUNTIMES, AnalysisConfig
+from histo.config import KI67_MEASURES, METHODS, RUNTIMES, AnalysisConfig
 from histo.demo import DemoSettings
 from histo.errors import InputError
 
@@ -331,6 +331,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             screen=args.screen,
             model_path=None if args.model is None else str(args.model),
             ki67_threshold=args.ki67_threshold,
+            ki67_measure=args.ki67_measure,
             her2_threshold=args.her2_threshold,
             her2_min_over_autofluorescence=args.her2_over_autofluorescence,
             her2_min_population_gap=args.her2_population_gap,
@@ -828,8 +829,17 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         type=_threshold(("auto", "detector")),
         default=_DEFAULTS.ki67_threshold,
         metavar="COUNTS|auto|detector",
-        help="mean nuclear Ki67 above the offset from which a cell is Ki67+; auto: calibrated "
-        "on each slide's own nuclei; detector: the detector's own call (default: %(default)s)",
+        help="nuclear Ki67 above the offset (its --ki67-measure) from which a cell is Ki67+; "
+        "auto: calibrated on each slide's own nuclei; detector: the detector's own call "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ki67-measure",
+        choices=KI67_MEASURES,
+        default=_DEFAULTS.ki67_measure,
+        help="a nucleus's Ki67: the mean of its pixels, or p90, their brightest tenth "
+        "(granular positives over non-specific background spread evenly over the nucleus; "
+        "not with bright uneven autofluorescence) (default: %(default)s)",
     )
     parser.add_argument(
         "--her2-threshold",
@@ -1042,8 +1052,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_threshold(("auto",)),
         required=True,
         metavar="COUNTS|auto",
-        help="mean nuclear Ki67 above the offset from which a cell is Ki67+; auto: each "
-        "slide's calibrated threshold (stored by the run)",
+        help="nuclear Ki67 above the offset (in the measure the run used: mean, or p90 with "
+        "--ki67-measure p90) from which a cell is Ki67+; auto: each slide's calibrated "
+        "threshold (stored by the run)",
     )
     rethr.set_defaults(handler=_run_rethreshold)
 

@@ -351,6 +351,7 @@ def load_sections(
             thr, method = session.reviewed_ki67_threshold, "user"
         row["ki67_threshold"] = np.nan if thr is None else float(thr)
         row["ki67_threshold_method"] = method
+        row["ki67_measure"] = ki67.get("measure", "mean") if ki67 else None
         # The same threshold relative to the slide's own negative nuclei: exposure differs
         # between slides, where a threshold sits above the negatives should not.
         neg = ki67.get("negative_median") or (ki67.get("calibrated") or {}).get("negative_median")
@@ -448,6 +449,14 @@ def threshold_warnings(sections: pd.DataFrame) -> list[str]:
             "Ki67 was called in different ways across the study ("
             + ", ".join(sorted(kinds))
             + "); set one with 'lungmets rethreshold RESULTS --ki67-threshold auto|COUNTS'"
+        )
+    measures = sorted({str(m) for m in sections.get("ki67_measure", pd.Series()).dropna()})
+    if len(measures) > 1:
+        out.append(
+            "Ki67 was measured in different ways across the study ("
+            + ", ".join(measures)
+            + "): their thresholds and calls do not compare; analyse the slides again with "
+            "one 'lungmets run --ki67-measure'"
         )
     return out
 

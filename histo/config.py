@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields, replace
 METHODS = ("classical", "unet")
 #: What may run the network on the CPU (`models.runtime`).
 RUNTIMES = ("auto", "torch", "int8")
+#: What a nucleus's Ki67 is (`AnalysisConfig.ki67_measure`): its mean, or the 90th
+#: percentile of its pixels; the quantile each stands for.
+KI67_QUANTILES = {"mean": None, "p90": 0.9}
+KI67_MEASURES = tuple(KI67_QUANTILES)
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,16 @@ class AnalysisConfig:
         Within a chunk, before the slide's threshold is known: a nucleus is Ki67+ when its mean
         Ki67 is at least this multiple of the Ki67 autofluorescence (classical detector).
     ki67_threshold : float, "auto" or "detector"
-        Mean nuclear Ki67 above the offset (counts) from which a cell is Ki67+; ``"auto"``
-        (default): calibrated on the slide's own nuclei (`histo.markers`); ``"detector"``: the
-        detector's own calls (the network's Ki67 output; the calibrated value is reported).
+        Nuclear Ki67 above the offset (counts, in `ki67_measure`) from which a cell is Ki67+;
+        ``"auto"`` (default): calibrated on the slide's own nuclei (`histo.markers`);
+        ``"detector"``: the detector's own calls (the network's Ki67 output; the calibrated
+        value is reported).
+    ki67_measure : {"mean", "p90"}
+        What a nucleus's Ki67 is, for the calibration and the calls: its mean (default,
+        ``ki67_mean``) or its brightest tenth (90th percentile of its pixels, ``ki67_p90``:
+        granular positives stand out of non-specific background spread evenly over the
+        nucleus; bright uneven autofluorescence lifts it in negatives too, BENCHMARKS.md
+        "Ki67 calls on held-out Ki67 styles").
     her2_threshold : float, "auto" or "off"
         Mean HER2 over a detected cell above the offset (counts) below which it is not
         counted; ``"auto"``: calibrated on the slide's ordinary cells (`histo.markers`);
@@ -146,6 +157,7 @@ class AnalysisConfig:
     autofluorescence_max_ratio: float = 3.0
     ki67_min_ratio: float = 4.0
     ki67_threshold: float | str = "auto"
+    ki67_measure: str = "mean"
     her2_threshold: float | str = "off"
     her2_min_over_autofluorescence: float = 1.1
     her2_min_population_gap: float = 4.0
@@ -174,6 +186,10 @@ class AnalysisConfig:
             raise ValueError(
                 "her2_min_over_autofluorescence must be >= 0 (0: no check), got "
                 f"{self.her2_min_over_autofluorescence!r}"
+            )
+        if self.ki67_measure not in KI67_MEASURES:
+            raise ValueError(
+                f"ki67_measure must be one of {KI67_MEASURES}, got {self.ki67_measure!r}"
             )
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")

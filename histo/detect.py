@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from .config import AnalysisConfig
+from .config import KI67_QUANTILES, AnalysisConfig
 from .tissue import StainLevels
 
 CELL_COLUMNS = [
@@ -43,6 +43,23 @@ def _label_means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)
     return sums / np.maximum(counts, 1)
+
+
+def _label_quantile(values: np.ndarray, labels: np.ndarray, n: int, q: float) -> np.ndarray:
+    """Per label 1..n, the `q` quantile (lower) of `values` over its pixels; index 0 (and
+    labels without pixels) hold -inf. Returned with a leading entry for label 0."""
+    lab = labels.ravel()
+    sel = lab > 0
+    lv, vv = lab[sel], values.ravel()[sel]
+    order = np.lexsort((vv, lv))
+    lv, vv = lv[order], vv[order]
+    counts = np.bincount(lv, minlength=n + 1)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    out = np.full(n + 1, -np.inf, np.float32)
+    has = counts > 0
+    has[0] = False
+    out[has] = vv[starts[has] + ((counts[has] - 1) * q).astype(np.int64)]
+    return out
 
 
 def segment_nuclei(
@@ -184,6 +201,9 @@ def detect_cells(
         ki67 = image[k_i].astype(np.float32) - off[k_i]
         ki67_nuc = _label_means(ki67, nuclei, n)[idx]
         out["ki67_mean"] = ki67_nuc
+        q = KI67_QUANTILES[config.ki67_measure]
+        if q is not None:
+            out[f"ki67_{config.ki67_measure}"] = _label_quantile(ki67, nuclei, n, q)[idx]
         out["ki67_pos"] = pd.array(ki67_nuc >= config.ki67_min_ratio * af[k_i], dtype="boolean")
     else:
         out["ki67_mean"] = np.full(idx.size, np.nan)

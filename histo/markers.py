@@ -108,6 +108,10 @@ class MarkerThreshold:
         (`her2_over_autofluorescence`): ``her2_per_ki67`` (the slide's autofluorescence
         ratio), ``min_ratio`` (the setting), ``removed`` (cells taken out), or a ``note``
         where it could not be made.
+    measure : str
+        What a nucleus's value is: ``"mean"`` of its pixels, or ``"p90"``, their 90th
+        percentile (`AnalysisConfig.ki67_measure`); the threshold applies to the cells'
+        `column`.
     negative_population : dict or None
         HER2: detections taken out as a HER2-negative population of their own
         (`negative_population`): ``min_gap`` (the setting), ``removed``, and the ``gap`` found.
@@ -133,6 +137,12 @@ class MarkerThreshold:
     compensation: dict | None = None
     autofluorescence: dict | None = None
     negative_population: dict | None = None
+    measure: str = "mean"
+
+    @property
+    def column(self) -> str:
+        """The cells.csv column the threshold applies to (``ki67_mean``, ``ki67_p90`` ...)."""
+        return f"{self.marker.lower()}_{self.measure}"
 
     def not_applied(self) -> MarkerThreshold:
         """The same figures, reported only (the detector's calls stand)."""
@@ -652,10 +662,10 @@ def _median_at_most(values, limit: float) -> bool:
 
 
 def user_threshold(
-    marker: str, value: float, calibrated: MarkerThreshold | None = None
+    marker: str, value: float, calibrated: MarkerThreshold | None = None, measure: str = "mean"
 ) -> MarkerThreshold:
-    """A threshold the scientist chose (counts above offset), with the slide's calibrated
-    one kept beside it (``calibrated``) when known."""
+    """A threshold the scientist chose (counts above offset, in `measure`), with the slide's
+    calibrated one kept beside it (``calibrated``) when known."""
     if not np.isfinite(value) or value < 0:
         raise ValueError(f"{marker} threshold must be a non-negative number, got {value}")
     return MarkerThreshold(
@@ -663,6 +673,7 @@ def user_threshold(
         threshold=float(value),
         method="user",
         calibrated=None if calibrated is None else calibrated.to_dict(),
+        measure=measure,
     )
 
 
@@ -688,10 +699,12 @@ def nuclear_means(
     nucleus_fraction: float = 0.2,
     min_area_px: int = 8,
     grow_px: int = 0,
+    quantile: float | None = None,
 ) -> np.ndarray:
     """Mean marker intensity above the offset of every nucleus in tissue windows (with
     `grow_px`, over the nucleus grown by that much: a cell's body, as a detector measures a
-    HER2+ cell).
+    HER2+ cell; with `quantile`, that quantile of its pixels instead of their mean, as
+    ``AnalysisConfig.ki67_measure`` "p90" measures the cells).
 
     Nuclei are the connected regions where DAPI (above the offset) exceeds `nucleus_fraction`
     of the slide's nuclear DAPI level, as the detectors define a cell's nucleus; those smaller
@@ -708,19 +721,29 @@ def nuclear_means(
         sums = np.bincount(region.ravel(), weights=k.ravel(), minlength=n + 1)[1:]
         cnt = np.bincount(region.ravel(), minlength=n + 1)[1:]
         keep = area >= min_area_px
-        out.append(sums[keep] / np.maximum(cnt[keep], 1))
+        if quantile is not None:
+            from .detect import _label_quantile
+
+            out.append(_label_quantile(k, region, n, quantile)[1:][keep].astype(np.float64))
+        else:
+            out.append(sums[keep] / np.maximum(cnt[keep], 1))
     return np.concatenate(out) if out else np.zeros(0)
 
 
 def apply_threshold(cells, threshold: MarkerThreshold):
-    """``ki67_pos`` of every cell from its stored ``ki67_mean`` (a copy of `cells`).
+    """``ki67_pos`` of every cell from its stored value (``ki67_mean``, or the column of the
+    threshold's `MarkerThreshold.measure`), as a copy of `cells`.
 
     Cells without a Ki67 measurement (NaN) stay NA.
     """
     import pandas as pd
 
-    col = f"{threshold.marker.lower()}_mean"
+    col = threshold.column
     out = cells.copy()
+    if col not in out:
+        if len(out):
+            raise ValueError(f"no {col} in the cells' table: they were measured another way")
+        out[col] = np.zeros(0)
     v = out[col].to_numpy(np.float64)
     call = pd.array(v >= threshold.threshold, dtype="boolean")
     call[np.isnan(v)] = pd.NA

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from .config import AnalysisConfig
+from .config import KI67_QUANTILES, AnalysisConfig
+from .detect import _label_quantile
 from .tissue import StainLevels, _mode
 
 #: Coarsest slide pixel, as a multiple of the model's: beyond it cells are a few pixels wide.
@@ -201,23 +202,6 @@ def screen_mask(
 LOW_KI67_SHARE = 1 / 3
 
 
-def _label_quantile(values: np.ndarray, labels: np.ndarray, n: int, q: float) -> np.ndarray:
-    """Per label 1..n, the `q` quantile (lower) of `values` over its pixels; index 0 (and
-    labels without pixels) hold -inf. Returned with a leading entry for label 0."""
-    lab = labels.ravel()
-    sel = lab > 0
-    lv, vv = lab[sel], values.ravel()[sel]
-    order = np.lexsort((vv, lv))
-    lv, vv = lv[order], vv[order]
-    counts = np.bincount(lv, minlength=n + 1)
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    out = np.full(n + 1, -np.inf, np.float32)
-    has = counts > 0
-    has[0] = False
-    out[has] = vv[starts[has] + ((counts[has] - 1) * q).astype(np.int64)]
-    return out
-
-
 def detect_cells_unet(
     image: np.ndarray,
     *,
@@ -332,12 +316,21 @@ def detect_cells_unet(
     dapi_mean, nuc_px = means(dapi, nucleus)
     area = (factor * pixel_size_um) ** 2
     ki67_mean = her2_nucleus = ki67_cyto = her2_cyto = ki67_low = her2_low_ki67 = np.nan
+    ki67_extra = {}
     if has_ki67:
         from scipy import ndimage as ndi
 
         # Ki67 is nuclear: its mean over the nucleus, or over the cell where no nucleus was seen.
         k = block(roles["Ki67"])
         ki67_mean = np.where(nuc_px > 0, means(k, nucleus)[0], means(k, regions)[0])
+        q = KI67_QUANTILES[config.ki67_measure]
+        if q is not None:  # the nucleus's brightest share, as its mean is taken
+            ki67_q = np.where(
+                nuc_px > 0,
+                _label_quantile(k, nucleus, n, q)[1:],
+                _label_quantile(k, regions, n, q)[1:],
+            ).astype(np.float64)
+            ki67_extra = {f"ki67_{config.ki67_measure}": np.where(np.isinf(ki67_q), 0.0, ki67_q)}
         her2_nucleus = np.where(nuc_px > 0, means(her2, nucleus)[0], np.nan)
         cyto = np.where(ndi.binary_dilation(nucleus > 0), 0, regions)
         ki67_cyto, cyto_px = means(k, cyto)
@@ -368,6 +361,7 @@ def detect_cells_unet(
             "ki67_low_mean": ki67_low,
             "nucleus_area_um2": nuc_px * area,
             "cell_area_um2": cell_px * area,
+            **ki67_extra,
         }
     )
     for name, ci in extra_channels:

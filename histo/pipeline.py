@@ -28,7 +28,7 @@ import pandas as pd
 from ._threads import iter_in_thread
 from ._version import __version__
 from .chunks import Chunk, plan_chunks
-from .config import AnalysisConfig
+from .config import KI67_QUANTILES, AnalysisConfig
 from .errors import Cancelled, InputError
 from .lesions import group_lesions
 from .markers import apply_thresholds
@@ -337,22 +337,27 @@ def marker_thresholds(
         # Always calibrated (a second or less), so that a user's or the detector's choice can
         # be compared with it and `lungmets rethreshold --ki67-threshold auto` can return to it.
         k = slide.roles["Ki67"]
-        values = nuclear_means(windows, offset, d, k, **common)
+        measure = config.ki67_measure
+        column = f"ki67_{measure}"
+        values = nuclear_means(windows, offset, d, k, quantile=KI67_QUANTILES[measure], **common)
         values, cells, compensation = _compensate_ki67(
             windows, offset, stain, slide.roles, common, values, cells
         )
-        own = cells["ki67_mean"].to_numpy(np.float64) if len(cells) else np.zeros(0)
+        own = cells[column].to_numpy(np.float64) if len(cells) else np.zeros(0)
         own = own[np.isfinite(own)]
         auto = calibrated("Ki67", np.r_[values, own], cells=own)
         auto = replace(
             auto,
             histogram=histogram(values, own, unit=unit(k)),
             compensation=compensation,
+            measure=measure,
         )
         if config.ki67_threshold == "detector":
             out["Ki67"] = auto.not_applied()
         elif not isinstance(config.ki67_threshold, str):
-            out["Ki67"] = user_threshold("Ki67", config.ki67_threshold, calibrated=auto)
+            out["Ki67"] = user_threshold(
+                "Ki67", config.ki67_threshold, calibrated=auto, measure=measure
+            )
         else:
             out["Ki67"] = auto
     if "ki67_raw_mean" not in cells:
@@ -524,10 +529,13 @@ def _compensate_ki67(windows, offset, stain, roles, common, values, cells):
         return values, cells, out
     kw = {"her2_into_ki67": her2_into_ki67, "dapi_into_her2": dapi_into_her2}
     values = compensate_ki67(values, her2_nuc, dapi_nuc, **kw)
-    corrected = compensate_ki67(
-        cells["ki67_mean"], cells["her2_nucleus_mean"], cells["dapi_mean"], **kw
-    )
-    cells["ki67_mean"] = np.where(has_nucleus, corrected, cells["ki67_mean"])
+    # The nucleus's brightest tenth ("p90") loses what its mean loses: bleed-through is as
+    # even over the nucleus as the HER2 and DAPI it comes from.
+    for column in [c for c in ("ki67_mean", "ki67_p90") if c in cells]:
+        corrected = compensate_ki67(
+            cells[column], cells["her2_nucleus_mean"], cells["dapi_mean"], **kw
+        )
+        cells[column] = np.where(has_nucleus, corrected, cells[column])
     return values, cells, out
 
 

@@ -1,6 +1,7 @@
 """Re-derive a finished analysis with another Ki67 threshold, from its stored intensities.
 
-cells.csv keeps each cell's mean nuclear Ki67 (``ki67_mean``) next to its call, so a new
+cells.csv keeps each cell's nuclear Ki67 (``ki67_mean``, and ``ki67_p90`` where the run measured
+its brightest tenth: ``--ki67-measure p90``) next to its call, so a new
 threshold re-derives the calls, the lesions' Ki67 counts, dormancy and the summary in seconds,
 without the slide. The result is what a fresh run with that threshold writes: the same tables,
 the threshold in the parameters, the markers block and the run key.
@@ -42,7 +43,7 @@ def _threshold_for(value, summary: dict, folder: Path) -> MarkerThreshold:
             )
         calibrated = MarkerThreshold.from_dict({**calibrated.to_dict(), "applied": True})
         return calibrated if value == "auto" else calibrated.not_applied()
-    return user_threshold("Ki67", float(value), calibrated=calibrated)
+    return user_threshold("Ki67", float(value), calibrated=calibrated, measure=run.measure)
 
 
 def rethreshold(folder: str | os.PathLike, ki67_threshold: float | str) -> dict:
@@ -87,9 +88,10 @@ def rethreshold(folder: str | os.PathLike, ki67_threshold: float | str) -> dict:
             "run the slide again with it"
         )
     cells = pd.read_csv(cells_path)
-    if "ki67_mean" not in cells or cells["ki67_mean"].isna().all() and len(cells):
-        raise InputError(f"{cells_path}: no Ki67 intensities (ki67_mean); nothing to threshold")
     thr = _threshold_for(ki67_threshold, summary, folder)
+    column = thr.column
+    if column not in cells or cells[column].isna().all() and len(cells):
+        raise InputError(f"{cells_path}: no Ki67 intensities ({column}); nothing to threshold")
     params = dict(summary.get("parameters") or {})
     params["ki67_threshold"] = ki67_threshold
     known = AnalysisConfig.__dataclass_fields__

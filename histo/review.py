@@ -17,7 +17,8 @@ imaged), ``cluster``, ``focus``. Status: ``unreviewed``, ``accepted``, ``correct
 
 The slide's Ki67 threshold can be reviewed too (``set_ki67_threshold``, napari's Markers
 widget): the journal then records it, and every lesion's Ki67+ count and dormancy follow it,
-from the cells' stored ``ki67_mean``, except where a scientist set the lesion's class by hand.
+from the cells' stored ``ki67_mean`` (``ki67_p90`` for a run with ``--ki67-measure p90``),
+except where a scientist set the lesion's class by hand.
 
 And single cells: a cell the analysis missed is added (``add_cell``), a false one deleted
 (``delete_cell``), a cell's Ki67 called by hand (``set_cell_ki67``), and a region marked as
@@ -464,8 +465,9 @@ class ReviewSession:
         if cells is None:
             return
         call = cells["ki67_analysed"].astype("boolean").copy()
-        if self._ki67_threshold is not None and "ki67_mean" in cells:
-            v = cells["ki67_mean"].to_numpy(np.float64)
+        column = self.ki67_column
+        if self._ki67_threshold is not None and column in cells:
+            v = cells[column].to_numpy(np.float64)
             by_threshold = pd.array(v >= self._ki67_threshold, dtype="boolean")
             by_threshold[np.isnan(v)] = pd.NA
             auto = ~cells["ki67_by_hand"].to_numpy(bool)
@@ -604,6 +606,12 @@ class ReviewSession:
         return (self._summary.get("markers") or {}).get("Ki67")
 
     @property
+    def ki67_column(self) -> str:
+        """The cells.csv column the slide's Ki67 threshold applies to (``ki67_mean``, or
+        ``ki67_p90`` for a run with ``--ki67-measure p90``)."""
+        return f"ki67_{(self.run_ki67 or {}).get('measure', 'mean')}"
+
+    @property
     def ki67_threshold(self) -> float | None:
         """The Ki67 threshold in force (counts): the reviewed one, else the analysis' own
         (None where the analysis kept the detector's calls or had no Ki67)."""
@@ -628,10 +636,10 @@ class ReviewSession:
 
     def _load_cells(self) -> pd.DataFrame:
         cells = self._read_cells()
-        if "ki67_mean" not in cells:
+        if self.ki67_column not in cells:
             raise InputError(
-                f"{self.folder / 'cells.csv'}: no Ki67 intensities (ki67_mean); no Ki67 to "
-                "threshold"
+                f"{self.folder / 'cells.csv'}: no Ki67 intensities ({self.ki67_column}); no "
+                "Ki67 to threshold"
             )
         return self._ensure_cells()
 

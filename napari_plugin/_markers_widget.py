@@ -1,8 +1,9 @@
 """Markers widget: the slide's Ki67 threshold, shown on its histogram, moved, checked, applied.
 
-The histogram holds the mean nuclear Ki67 of the slide's ordinary nuclei (the sample the
-threshold was calibrated on, grey) and of its HER2+ cells (coloured), on a log scale, with the
-negative and positive populations and the threshold as lines. Dragging the slider or typing a
+The histogram holds the mean nuclear Ki67 (or the run's ``--ki67-measure``) of the slide's
+ordinary nuclei (the sample the threshold was calibrated on, grey) and of its HER2+ cells
+(coloured), on a log scale, with the negative and positive populations and the threshold as
+lines. Dragging the slider or typing a
 value recolours the cells (magenta Ki67+, cyan Ki67-) and the lesions and updates the counts at
 once (`histo.review.ReviewSession.preview_ki67_threshold`); "Apply" records the threshold in the
 slide's correction journal (undoable; ``lungmets cohort`` counts with it), "Apply to study"
@@ -212,7 +213,8 @@ class MarkersWidget(SharedSessionMixin, QWidget):
             if v:
                 ax.axvline(v, color="0.35", ls=style, lw=1)
         ax.axvline(value, color="#1060d0", lw=2, label=f"threshold {value:.0f}")
-        ax.set_xlabel("mean nuclear Ki67 above offset (counts)")
+        measure = {"ki67_p90": "brightest tenth of"}.get(self.session.ki67_column, "mean")
+        ax.set_xlabel(f"{measure} nuclear Ki67 above offset (counts)")
         ax.set_yticks([])
         ax.legend(fontsize=7, frameon=False, loc="upper right")
         self.canvas.draw_idle()

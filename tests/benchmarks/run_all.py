@@ -208,6 +208,20 @@ BENCHES: list[Bench] = [
     ),
     *(
         Bench(
+            f"markers-p90{'' if seed == 94000 else f'-seed{seed}'}",
+            "bench_markers.py",
+            ["--size", "2048x2048", "--sections", "6", "--ki67-measure", "p90"]
+            + ([] if seed == 94000 else ["--seed", str(seed)]),
+            ["--size", "768x768", "--ki67-measure", "p90"]
+            + ([] if seed == 94000 else ["--seed", str(seed)]),
+            (f"bench_markers{'' if seed == 94000 else f'_seed{seed}'}_p90",),
+            note="the same sections with Ki67 as each nucleus's brightest tenth "
+            "(--ki67-measure p90)",
+        )
+        for seed in (94000, 96000, 98000)
+    ),
+    *(
+        Bench(
             f"screen-styles-{seed}",
             "bench_screen_cells.py",
             ["--markers-seed", str(seed)],

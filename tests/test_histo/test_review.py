@@ -265,6 +265,36 @@ def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tm
     assert (same.sections["ki67_threshold"] == 2 * t).all()
 
 
+def test_cohort_warns_when_slides_measured_ki67_differently(folder, tmp_path):
+    """A study whose slides were run with different ``--ki67-measure``: their thresholds do
+    not compare, and the cohort says so; the slide measured as p90 is reviewed in p90."""
+    import shutil
+
+    from histo.cohort import analyze_cohort
+
+    other = folder.parent / "lung3"
+    shutil.copytree(folder, other)
+    cells = pd.read_csv(other / "cells.csv")
+    cells.insert(cells.columns.get_loc("ki67_mean") + 1, "ki67_p90", 2 * cells["ki67_mean"])
+    cells.to_csv(other / "cells.csv", index=False)
+    summary = json.loads((other / "summary.json").read_text())
+    summary["markers"]["Ki67"]["measure"] = "p90"
+    (other / "summary.json").write_text(json.dumps(summary))
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(
+        "slide,mouse,group,dpi,section\n"
+        f"{folder.name}.ome.tif,m1,IAV,15,1\nlung3.ome.tif,m2,IAV,15,1\n"
+    )
+    result = analyze_cohort(sheet, folder.parent)
+    assert any("measured in different ways" in w and "p90" in w for w in result.warnings)
+    s = ReviewSession(other)
+    assert s.ki67_column == "ki67_p90" and ReviewSession(folder).ki67_column == "ki67_mean"
+    s.set_ki67_threshold(float(cells["ki67_p90"].median()))
+    assert s.counts()["ki67_pos_cells"] == int(
+        (cells["ki67_p90"] >= cells["ki67_p90"].median()).sum()
+    )
+
+
 # --------------------------------------------------------------------------- cells
 
 
