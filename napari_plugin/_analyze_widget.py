@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Name of the results folder created beside a slide when none is chosen.
 RESULTS_FOLDER = "lungmets_results"
+#: How the Ki67 measures (`histo.config.KI67_MEASURES`) read in the widget.
+KI67_MEASURE_LABELS = {"mean": "mean of the nucleus", "p90": "brightest tenth (p90)"}
 #: Sub-folder of the output folder for "Current view only" runs, so that they never
 #: overwrite the results of the whole slide.
 VIEW_SUBFOLDER = "current_view"
@@ -182,14 +184,16 @@ class AnalyzeWidget(QWidget):
 
     Notes
     -----
-    Defaults come from `histo.config.AnalysisConfig`; only the method, chunk size, device and
-    screen are set here. Results are written to ``<output folder>/<slide name>/`` (the same
-    layout as ``lungmets run --out``), and "Current view only" runs to
+    Defaults come from `histo.config.AnalysisConfig`; only the method, chunk size, device,
+    screen and Ki67 measure are set here (the Ki67 threshold is moved afterwards, in the Markers
+    widget; the measure cannot be: it is what the slide's nuclei were measured as). Results
+    are written to ``<output folder>/<slide name>/`` (the same layout as ``lungmets run
+    --out``), and "Current view only" runs to
     ``<output folder>/current_view/<slide name>/``.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
-        from histo.config import METHODS, AnalysisConfig
+        from histo.config import KI67_MEASURES, METHODS, AnalysisConfig
 
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -221,6 +225,15 @@ class AnalyzeWidget(QWidget):
         self.screen_check.setToolTip(
             "Run the network only around nuclei wrapped in HER2 (faster, same lesions)"
         )
+        self.ki67_combo = QComboBox()
+        for measure in KI67_MEASURES:
+            self.ki67_combo.addItem(KI67_MEASURE_LABELS.get(measure, measure), measure)
+        self.ki67_combo.setCurrentIndex(KI67_MEASURES.index(defaults.ki67_measure))
+        self.ki67_combo.setToolTip(
+            "What a nucleus's Ki67 is: the mean of its pixels, or their brightest tenth "
+            "(granular positives over a haze spread evenly on every nucleus; not with bright, "
+            "uneven autofluorescence). Keep one for a whole study."
+        )
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText(f"{RESULTS_FOLDER} beside the slide")
         self.out_button = QToolButton()
@@ -249,6 +262,7 @@ class AnalyzeWidget(QWidget):
         form.addRow("chunk size", self.chunk_spin)
         form.addRow("device", self.device_combo)
         form.addRow("", self.screen_check)
+        form.addRow("Ki67 measure", self.ki67_combo)
         form.addRow("output folder", out_row)
         form.addRow("", self.view_check)
         layout = QVBoxLayout(self)
@@ -288,6 +302,7 @@ class AnalyzeWidget(QWidget):
             chunk_size_px=self.chunk_spin.value(),
             device=self.device_combo.currentText().strip() or "auto",
             screen=self.screen_check.isChecked(),
+            ki67_measure=self.ki67_combo.currentData(),
         )
 
     def output_folder(self) -> Path | None:

@@ -73,6 +73,12 @@ def test_run_writes_and_shows_what_analyze_slide_computes(
     config = AnalysisConfig(method="classical", chunk_size_px=512)
     assert widget.config() == config
     assert not widget.device_combo.isEnabled()  # no network, no device
+    widget.ki67_combo.setCurrentIndex(widget.ki67_combo.findData("p90"))
+    assert widget.config() == AnalysisConfig(
+        method="classical", chunk_size_px=512, ki67_measure="p90"
+    )
+    assert widget.ki67_combo.currentText() == "brightest tenth (p90)"
+    widget.ki67_combo.setCurrentIndex(widget.ki67_combo.findData("mean"))
 
     _run(qtbot, widget)
     folder = tmp_path / "out" / "lung_IAV_d15"
