@@ -531,7 +531,7 @@ def _compensate_ki67(windows, offset, stain, roles, common, values, cells):
     values = compensate_ki67(values, her2_nuc, dapi_nuc, **kw)
     # The nucleus's brightest tenth ("p90") loses what its mean loses: bleed-through is as
     # even over the nucleus as the HER2 and DAPI it comes from.
-    for column in [c for c in ("ki67_mean", "ki67_p90") if c in cells]:
+    for column in [f"ki67_{m}" for m in KI67_QUANTILES if f"ki67_{m}" in cells]:
         corrected = compensate_ki67(
             cells[column], cells["her2_nucleus_mean"], cells["dapi_mean"], **kw
         )
