@@ -22,4 +22,6 @@ __version__ = "0.1.0"
 #: (`histo.markers.negative_population`, ``negative_upper``: the reference at the noise).
 #: 11: detections just above their own autofluorescence, 2-fold or more below all others in
 #: HER2 over it, are autofluorescent tissue (`AnalysisConfig.her2_min_af_population_gap`).
-ANALYSIS_REVISION = 11
+#: 12: where the cancer cells show two Ki67 populations, each one's spread is that of its flank
+#: facing the other (`histo.markers._bimodal`).
+ANALYSIS_REVISION = 12

@@ -838,8 +838,8 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         choices=KI67_MEASURES,
         default=_DEFAULTS.ki67_measure,
         help="a nucleus's Ki67: the mean of its pixels, or p90, their brightest tenth "
-        "(granular positives over non-specific background spread evenly over the nucleus; "
-        "not with bright uneven autofluorescence) (default: %(default)s)",
+        "(granular positives stand out of non-specific background spread evenly over the "
+        "nucleus; keep one for a whole study) (default: %(default)s)",
     )
     parser.add_argument(
         "--her2-threshold",

@@ -100,8 +100,7 @@ class AnalysisConfig:
         What a nucleus's Ki67 is, for the calibration and the calls: its mean (default,
         ``ki67_mean``) or its brightest tenth (90th percentile of its pixels, ``ki67_p90``:
         granular positives stand out of non-specific background spread evenly over the
-        nucleus; bright uneven autofluorescence lifts it in negatives too, BENCHMARKS.md
-        "Ki67 calls on held-out Ki67 styles").
+        nucleus; BENCHMARKS.md "Ki67 calls on held-out Ki67 styles").
     her2_threshold : float, "auto" or "off"
         Mean HER2 over a detected cell above the offset (counts) below which it is not
         counted; ``"auto"``: calibrated on the slide's ordinary cells (`histo.markers`);

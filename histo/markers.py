@@ -48,6 +48,9 @@ BIMODAL_D = 2.25
 #: past its own crossing into the positives (2 SD did on bench_markers' 4x-autofluorescence
 #: section: 480 counts where negatives end at 355 and positives start at 364).
 CELLS_MIN_SDS = 1.5
+#: Fewest values on a population's flank facing the other from which its spread is measured
+#: there (`_bimodal`); with fewer, the fitted spread stands.
+FACING_MIN_VALUES = 5
 
 #: The cancer cells' own crossing is never below the slide's negatives' centre plus this many
 #: of their SDs (0: the centre itself; a threshold that calls the slide's typical negative
@@ -319,7 +322,14 @@ def _two_populations(logs, mu0, sd0, mu1, sd1, iterations: int = 200):
 def _bimodal(x: np.ndarray, iterations: int = 200):
     """Two normal populations in `x` (EM from its 20th and 80th percentiles), as
     ``((m0, s0), (m1, s1))``, when they are clearly apart (Ashman's D at least `BIMODAL_D`)
-    and each holds at least 5%; else None."""
+    and each holds at least 5%; else None.
+
+    Each spread returned is that of the flank facing the other population (root mean square
+    distance from its centre of the values between it and the midpoint of the two centres,
+    `FACING_MIN_VALUES` or more): where the two cross depends on those flanks, and a
+    population skewed away from the other (negative nuclei trailing down to no Ki67 at all,
+    autofluorescence uneven from one nucleus to the next) must not push the crossing into the
+    other one. Ashman's D is taken with the fitted spreads."""
     m = np.quantile(x, [0.2, 0.8]).astype(np.float64)
     s = np.full(2, max(float(np.std(x)) / 2, 0.05))
     w = np.array([0.5, 0.5])
@@ -340,7 +350,14 @@ def _bimodal(x: np.ndarray, iterations: int = 200):
     ashman_d = np.sqrt(2.0) * (m[1] - m[0]) / np.sqrt((s**2).sum())
     if ashman_d < BIMODAL_D or w.min() < 0.05:
         return None
-    return (float(m[0]), float(s[0])), (float(m[1]), float(s[1]))
+    mid = (m[0] + m[1]) / 2
+    up = x[(x > m[0]) & (x <= mid)] - m[0]
+    down = m[1] - x[(x < m[1]) & (x >= mid)]
+    s = [
+        max(float(np.sqrt(np.mean(flank**2))), 0.05) if flank.size >= FACING_MIN_VALUES else sd
+        for flank, sd in ((up, s[0]), (down, s[1]))
+    ]
+    return (float(m[0]), s[0]), (float(m[1]), s[1])
 
 
 def _equal_density(m0, s0, m1, s1) -> float:

@@ -231,8 +231,8 @@ class AnalyzeWidget(QWidget):
         self.ki67_combo.setCurrentIndex(KI67_MEASURES.index(defaults.ki67_measure))
         self.ki67_combo.setToolTip(
             "What a nucleus's Ki67 is: the mean of its pixels, or their brightest tenth "
-            "(granular positives over a haze spread evenly on every nucleus; not with bright, "
-            "uneven autofluorescence). Keep one for a whole study."
+            "(granular positives stand out of a haze spread evenly on every nucleus). Keep "
+            "one for a whole study."
         )
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText(f"{RESULTS_FOLDER} beside the slide")

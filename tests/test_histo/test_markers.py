@@ -104,6 +104,27 @@ def test_the_cells_crossing_stays_above_the_slides_negatives():
     assert ((cells >= t.threshold) != truth).sum() <= 5
 
 
+def test_negatives_trailing_away_from_the_positives_do_not_push_the_crossing_into_them():
+    """Bench_markers' 4x-autofluorescence sections measured as each nucleus's brightest
+    tenth: the cancer cells' negatives trail far down (nuclei with almost no Ki67), so a
+    normal fit gives them a wide spread, and the crossing with the narrow positives climbs into
+    the positives. Each population's spread is taken on its flank facing the other
+    (`histo.markers._bimodal`). Measured on this mixture: 591 counts, no cell wrong; with the
+    fitted spreads (analysis revision 11) 792 counts, 10 of the 150 positives called negative."""
+    rng = np.random.default_rng(5)
+    negatives = np.r_[
+        rng.lognormal(np.log(330), 0.12, 90), np.exp(rng.uniform(np.log(15), np.log(330), 60))
+    ]
+    positives = rng.lognormal(np.log(1050), 0.2, 150)
+    nuclei = rng.lognormal(np.log(390), 0.25, 2000)
+    cells = np.r_[negatives, positives]
+    t = calibrate_threshold(np.r_[nuclei, cells], cells=cells, unit=50.0)
+    assert t.method == "two populations of the cells"
+    assert np.quantile(negatives, 0.99) < t.threshold < positives.min(), t
+    truth = np.r_[np.zeros(len(negatives), bool), np.ones(len(positives), bool)]
+    assert ((cells >= t.threshold) != truth).sum() <= 2
+
+
 def test_two_populations_of_negative_cells_are_not_a_positive_one():
     """A PBS section without a Ki67+ cancer cell: the cells' Ki67 makes two populations (dim
     nuclei and ordinary ones), both below the slide's negative nuclei; no cell is positive."""
