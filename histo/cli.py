@@ -839,7 +839,7 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         default=_DEFAULTS.ki67_measure,
         help="a nucleus's Ki67: the mean of its pixels, or p90, their brightest tenth "
         "(granular positives stand out of non-specific background spread evenly over the "
-        "nucleus; keep one for a whole study) (default: %(default)s)",
+        "nucleus); keep one for a whole study (default: %(default)s)",
     )
     parser.add_argument(
         "--her2-threshold",

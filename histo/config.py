@@ -98,9 +98,9 @@ class AnalysisConfig:
         value is reported).
     ki67_measure : {"mean", "p90"}
         What a nucleus's Ki67 is, for the calibration and the calls: its mean (default,
-        ``ki67_mean``) or its brightest tenth (90th percentile of its pixels, ``ki67_p90``:
-        granular positives stand out of non-specific background spread evenly over the
-        nucleus; BENCHMARKS.md "Ki67 calls on held-out Ki67 styles").
+        ``ki67_mean``) or its brightest tenth (the 90th percentile of its pixels,
+        ``ki67_p90``: granular positives stand out of non-specific background spread evenly
+        over the nucleus; BENCHMARKS.md "Ki67 calls on held-out Ki67 styles").
     her2_threshold : float, "auto" or "off"
         Mean HER2 over a detected cell above the offset (counts) below which it is not
         counted; ``"auto"``: calibrated on the slide's ordinary cells (`histo.markers`);

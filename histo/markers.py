@@ -16,7 +16,8 @@ Where HER2 shows through the Ki67 filter, the leaked share is measured on the sl
 HER2+ cells' cytoplasm, where there is no Ki67: `spillover`) and HER2's own signal over each
 nucleus times that share is taken out of its Ki67 first (`compensate_ki67`).
 
-The intensity the call is made on stays in cells.csv (``ki67_mean``; as measured in
+The intensity the call is made on stays in cells.csv (``ki67_mean``, or ``ki67_p90``, the
+nucleus's brightest tenth, with ``ki67_measure="p90"``; the mean as measured in
 ``ki67_raw_mean``), so any threshold can be applied again later (`apply_threshold`,
 ``lungmets rethreshold``) without re-running the analysis.
 """
@@ -85,7 +86,7 @@ class MarkerThreshold:
     marker : str
         Channel role, e.g. ``"Ki67"``.
     threshold : float or None
-        Mean nuclear intensity above the camera offset (counts) from which a nucleus is
+        Nuclear intensity above the camera offset (counts, in `measure`) from which a nucleus is
         positive (None: not calibrated, the detector's own calls stand; `method` says why).
     method : str
         ``"two populations"`` (fitted between negatives and positives), ``"negatives + 3 SD"``
@@ -771,7 +772,8 @@ def apply_threshold(cells, threshold: MarkerThreshold):
 def apply_thresholds(cells, thresholds: dict):
     """Cells with the calls of `thresholds` (marker -> `MarkerThreshold`; None thresholds
     keep the detector's calls): candidates below the HER2 threshold are not HER2+ cells and
-    are left out; ``ki67_pos`` comes from ``ki67_mean``. Returns a new table."""
+    are left out; ``ki67_pos`` comes from the Ki67 threshold's `MarkerThreshold.column`.
+    Returns a new table."""
     out = cells
     her2 = thresholds.get("HER2")
     if her2 is not None and her2.applied and her2.threshold is not None and len(out):

@@ -1,7 +1,8 @@
 """Re-derive a finished analysis with another Ki67 threshold, from its stored intensities.
 
-cells.csv keeps each cell's nuclear Ki67 (``ki67_mean``, and ``ki67_p90`` where the run measured
-its brightest tenth: ``--ki67-measure p90``) next to its call, so a new
+cells.csv keeps each cell's nuclear Ki67 (``ki67_mean``, and ``ki67_p90``, its brightest tenth,
+where the run measured it; the call is made on the run's ``--ki67-measure``) next to its call,
+so a new
 threshold re-derives the calls, the lesions' Ki67 counts, dormancy and the summary in seconds,
 without the slide. The result is what a fresh run with that threshold writes: the same tables,
 the threshold in the parameters, the markers block and the run key.

@@ -17,7 +17,7 @@ imaged), ``cluster``, ``focus``. Status: ``unreviewed``, ``accepted``, ``correct
 
 The slide's Ki67 threshold can be reviewed too (``set_ki67_threshold``, napari's Markers
 widget): the journal then records it, and every lesion's Ki67+ count and dormancy follow it,
-from the cells' stored ``ki67_mean`` (``ki67_p90`` for a run with ``--ki67-measure p90``),
+from the cells' stored Ki67 in the run's measure (``ki67_mean``, or ``ki67_p90``),
 except where a scientist set the lesion's class by hand.
 
 And single cells: a cell the analysis missed is added (``add_cell``), a false one deleted

@@ -1,6 +1,6 @@
 """Markers widget: the slide's Ki67 threshold, shown on its histogram, moved, checked, applied.
 
-The histogram holds the mean nuclear Ki67 (or the run's ``--ki67-measure``) of the slide's
+The histogram holds the nuclear Ki67 (in the run's ``--ki67-measure``) of the slide's
 ordinary nuclei (the sample the threshold was calibrated on, grey) and of its HER2+ cells
 (coloured), on a log scale, with the negative and positive populations and the threshold as
 lines. Dragging the slider or typing a

@@ -202,9 +202,13 @@ BENCHES: list[Bench] = [
             ["--size", "768x768", "--seed", str(seed)],
             (f"bench_markers_seed{seed}",),
             note=f"the same styles on other sections (seeds {seed}+): "
-            + ("where the calibration's constants were chosen" if seed == 96000 else "a check"),
+            + {
+                96000: "where the calibration's constants were chosen",
+                98000: "a check",
+                99000: "a check no rule was chosen on",
+            }[seed],
         )
-        for seed in (96000, 98000)
+        for seed in (96000, 98000, 99000)
     ),
     *(
         Bench(
@@ -218,7 +222,7 @@ BENCHES: list[Bench] = [
             note="the same sections with Ki67 as each nucleus's brightest tenth "
             "(--ki67-measure p90)",
         )
-        for seed in (94000, 96000, 98000)
+        for seed in (94000, 96000, 98000, 99000)
     ),
     *(
         Bench(

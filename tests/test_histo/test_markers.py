@@ -323,11 +323,12 @@ def test_ki67_measured_as_the_brightest_tenth_holds_over_non_specific_background
         appearance=Appearance(ki67_background=0.2),
         labels=False,
     )
-    mean = analyze_slide(s.path, AnalysisConfig())
+    mean = analyze_slide(s.path, AnalysisConfig())  # the default
     p90 = analyze_slide(s.path, AnalysisConfig(ki67_measure="p90"))
     acc_mean, acc_p90 = _ki67_accuracy(mean, s), _ki67_accuracy(p90, s)
     print(f"Ki67 accuracy: mean {acc_mean:.3f}, p90 {acc_p90:.3f}")  # shown with -s
-    # Measured (shipped network, 79 cells, analysis revision 11): mean 0.684, p90 1.000.
+    # Measured (shipped network, 79 cells): mean 0.684 at analysis revision 11, 0.823 at 12
+    # (facing-flank spreads), p90 1.000 at both.
     assert acc_p90 >= 0.97, p90.summary["markers"]["Ki67"]
     assert acc_mean < acc_p90
     k = p90.summary["markers"]["Ki67"]

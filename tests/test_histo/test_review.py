@@ -211,12 +211,13 @@ def test_a_reviewed_ki67_threshold_is_journaled_replayed_and_undone(folder):
     assert run_threshold is not None and s.reviewed_ki67_threshold is None
     raw = s.counts()
     cells = pd.read_csv(folder / "cells.csv")
-    high = float(cells["ki67_mean"].quantile(0.9))  # most cells Ki67- from here
+    measure = s.run_ki67["measure"]  # the run's Ki67 measure
+    high = float(cells[f"ki67_{measure}"].quantile(0.9))  # most cells Ki67- from here
     singles = s.lesions.index[s.lesions["n_cells"] == 1]
     hand = singles[0]
     s.set_class(hand, "single")  # a class set by hand stays whatever the threshold
     s.set_ki67_threshold(high)
-    expected = apply_threshold(cells, user_threshold("Ki67", high))
+    expected = apply_threshold(cells, user_threshold("Ki67", high, measure=measure))
     assert s.counts()["ki67_pos_cells"] == int(expected["ki67_pos"].sum())
     n_pos = expected.groupby("lesion_id")["ki67_pos"].sum()
     dormant = [lid for lid in singles if n_pos.get(lid, 0) == 0 and lid != hand]
@@ -267,18 +268,22 @@ def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tm
 
 def test_cohort_warns_when_slides_measured_ki67_differently(folder, tmp_path):
     """A study whose slides were run with different ``--ki67-measure``: their thresholds do
-    not compare, and the cohort says so; the slide measured as p90 is reviewed in p90."""
+    not compare, and the cohort says so; each slide is reviewed in its own measure."""
     import shutil
 
     from histo.cohort import analyze_cohort
 
+    own = ReviewSession(folder).run_ki67["measure"]
+    other_measure = "mean" if own == "p90" else "p90"
     other = folder.parent / "lung3"
     shutil.copytree(folder, other)
     cells = pd.read_csv(other / "cells.csv")
-    cells.insert(cells.columns.get_loc("ki67_mean") + 1, "ki67_p90", 2 * cells["ki67_mean"])
-    cells.to_csv(other / "cells.csv", index=False)
+    column = f"ki67_{other_measure}"
+    if column not in cells:
+        cells[column] = 2 * cells["ki67_mean"]
+        cells.to_csv(other / "cells.csv", index=False)
     summary = json.loads((other / "summary.json").read_text())
-    summary["markers"]["Ki67"]["measure"] = "p90"
+    summary["markers"]["Ki67"]["measure"] = other_measure
     (other / "summary.json").write_text(json.dumps(summary))
     sheet = tmp_path / "samples.csv"
     sheet.write_text(
@@ -286,13 +291,11 @@ def test_cohort_warns_when_slides_measured_ki67_differently(folder, tmp_path):
         f"{folder.name}.ome.tif,m1,IAV,15,1\nlung3.ome.tif,m2,IAV,15,1\n"
     )
     result = analyze_cohort(sheet, folder.parent)
-    assert any("measured in different ways" in w and "p90" in w for w in result.warnings)
+    assert any("measured in different ways" in w and "mean, p90" in w for w in result.warnings)
     s = ReviewSession(other)
-    assert s.ki67_column == "ki67_p90" and ReviewSession(folder).ki67_column == "ki67_mean"
-    s.set_ki67_threshold(float(cells["ki67_p90"].median()))
-    assert s.counts()["ki67_pos_cells"] == int(
-        (cells["ki67_p90"] >= cells["ki67_p90"].median()).sum()
-    )
+    assert s.ki67_column == column and ReviewSession(folder).ki67_column == f"ki67_{own}"
+    s.set_ki67_threshold(float(cells[column].median()))
+    assert s.counts()["ki67_pos_cells"] == int((cells[column] >= cells[column].median()).sum())
 
 
 # --------------------------------------------------------------------------- cells

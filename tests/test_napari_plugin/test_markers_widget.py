@@ -40,9 +40,10 @@ def test_markers_widget_moves_applies_and_undoes_the_threshold(make_napari_viewe
 
     # Typing a high threshold: fewer Ki67+ cells, more dormant, cells recoloured; nothing saved.
     cells = pd.read_csv(results / "cells.csv")
-    high = float(cells["ki67_mean"].quantile(0.95))
+    column = widget.session.ki67_column  # the run's Ki67 measure
+    high = float(cells[column].quantile(0.95))
     preview = widget.set_threshold(high)
-    assert preview["ki67_pos_cells"] == int((cells["ki67_mean"] >= high).sum())
+    assert preview["ki67_pos_cells"] == int((cells[column] >= high).sum())
     assert preview["ki67_pos_cells"] < counts0["ki67_pos_cells"]
     assert preview["dormant"] >= counts0["dormant"]
     assert f"{preview['dormant']} dormant" in widget.counts_label.text()
@@ -100,7 +101,7 @@ def test_review_and_markers_widgets_show_each_others_changes(make_napari_viewer,
     assert review.session is markers.session
     before = review.counts_label.text()
     cells = pd.read_csv(results / "cells.csv")
-    markers.set_threshold(float(cells["ki67_mean"].quantile(0.95)))
+    markers.set_threshold(float(cells[markers.session.ki67_column].quantile(0.95)))
     assert review.counts_label.text() == before  # a preview is not a change
     markers.apply()
     counts = ReviewSession(results).counts()
