@@ -736,14 +736,14 @@ def nuclear_means(
         region = lab
         if grow_px > 0:
             region = np.where(lab > 0, lab, ndi.grey_dilation(lab, size=2 * grow_px + 1))
-        sums = np.bincount(region.ravel(), weights=k.ravel(), minlength=n + 1)[1:]
-        cnt = np.bincount(region.ravel(), minlength=n + 1)[1:]
         keep = area >= min_area_px
         if quantile is not None:
             from .detect import _label_quantile
 
             out.append(_label_quantile(k, region, n, quantile)[1:][keep].astype(np.float64))
         else:
+            sums = np.bincount(region.ravel(), weights=k.ravel(), minlength=n + 1)[1:]
+            cnt = np.bincount(region.ravel(), minlength=n + 1)[1:]
             out.append(sums[keep] / np.maximum(cnt[keep], 1))
     return np.concatenate(out) if out else np.zeros(0)
 

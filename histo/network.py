@@ -324,12 +324,9 @@ def detect_cells_unet(
         k = block(roles["Ki67"])
         ki67_mean = np.where(nuc_px > 0, means(k, nucleus)[0], means(k, regions)[0])
         q = KI67_QUANTILES[config.ki67_measure]
-        if q is not None:  # the nucleus's brightest share, as its mean is taken
-            ki67_q = np.where(
-                nuc_px > 0,
-                _label_quantile(k, nucleus, n, q)[1:],
-                _label_quantile(k, regions, n, q)[1:],
-            ).astype(np.float64)
+        if q is not None:  # over the nucleus, or the cell where no nucleus was seen, as above
+            where = np.where(np.r_[False, nuc_px > 0][regions], nucleus, regions)
+            ki67_q = _label_quantile(k, where, n, q)[1:].astype(np.float64)
             ki67_extra = {f"ki67_{config.ki67_measure}": np.where(np.isinf(ki67_q), 0.0, ki67_q)}
         her2_nucleus = np.where(nuc_px > 0, means(her2, nucleus)[0], np.nan)
         cyto = np.where(ndi.binary_dilation(nucleus > 0), 0, regions)
