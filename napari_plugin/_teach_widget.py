@@ -79,6 +79,7 @@ class TeachWidget(QWidget):
         self.layer = None
         self.worker = None
         self.result = None
+        self._returned = False
         self._pbar = None
 
         self.layer_box = QComboBox()
@@ -229,6 +230,7 @@ class TeachWidget(QWidget):
         worker.aborted.connect(lambda: self._set_status("Cancelled; no model written."))
         worker.finished.connect(self._on_finished)
         self.worker = worker
+        self._returned = False
         self.teach_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._set_status(f"Teaching from {len(folders)} reviewed slide(s) …")
@@ -241,13 +243,18 @@ class TeachWidget(QWidget):
             self._set_status("Cancelling …")
 
     def _on_progress(self, step) -> None:
+        if self._returned:  # a step's signal that arrives after the result: stale
+            return
         done, total, message = step
-        advance(self._pbar, done, total, message)
+        # The status first: moving the progress bar may let the result's signal in, whose
+        # status must stay the last word.
         self._set_status(f"{message[:1].upper()}{message[1:]} ({done}/{total}) …")
+        advance(self._pbar, done, total, message)
 
     def _on_returned(self, value) -> None:
         from napari.layers import Layer
 
+        self._returned = True
         if isinstance(value, str):
             self._set_status(value)
             return
