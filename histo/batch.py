@@ -28,7 +28,14 @@ log = logging.getLogger(__name__)
 
 #: Settings that change how fast an analysis runs, not what it finds: not part of the run key
 #: (but ``runtime="int8"`` is: its cells may differ near the operating point).
-EXECUTION_ONLY = ("device", "batch_size", "torch_threads", "runtime", "chunk_size_px")
+EXECUTION_ONLY = (
+    "device",
+    "batch_size",
+    "torch_threads",
+    "runtime",
+    "precision",
+    "chunk_size_px",
+)
 
 #: Rough peak memory of one chunk task (2048-px chunk), in bytes, measured on 8k slides
 #: (BENCHMARKS.md): the classical detector and the screened network ~0.75 GB, dense network

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from histo._version import __version__
-from histo.config import KI67_MEASURES, METHODS, RUNTIMES, AnalysisConfig
+from histo.config import KI67_MEASURES, METHODS, PRECISIONS, RUNTIMES, AnalysisConfig
 from histo.demo import DemoSettings
 from histo.errors import InputError
 
@@ -328,6 +328,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             chunk_size_px=args.chunk_size,
             device=args.device,
             runtime=args.runtime,
+            precision=args.precision,
             screen=args.screen,
             model_path=None if args.model is None else str(args.model),
             ki67_threshold=args.ki67_threshold,
@@ -810,6 +811,14 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         "ONNX export, else PyTorch) or torch, the same cells either way; or int8 (its 8-bit "
         "quantisation: faster, lesion tables identical on the held-out slides, but a cell "
         "near the operating point may differ) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=_DEFAULTS.precision,
+        help="the network's arithmetic on a CUDA GPU: auto (float16 autocast, the fastest) or "
+        "float32 (the CPU's arithmetic, for cells that match a CPU run's); the CPU always "
+        "computes in float32 (default: %(default)s)",
     )
     parser.add_argument(
         "--model",

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields, replace
 METHODS = ("classical", "unet")
 #: What may run the network on the CPU (`models.runtime`).
 RUNTIMES = ("auto", "torch", "int8")
+#: Arithmetic of the network on a GPU (`AnalysisConfig.precision`).
+PRECISIONS = ("auto", "float32")
 #: What a nucleus's Ki67 is (`AnalysisConfig.ki67_measure`): its mean, or the 90th
 #: percentile of its pixels; the quantile each stands for.
 KI67_QUANTILES = {"mean": None, "p90": 0.9}
@@ -55,6 +57,11 @@ class AnalysisConfig:
         the same cells either way; or "int8" (the export quantised to 8 bits, faster; its
         cells may differ from the float network's near the operating point, so it is part
         of the run key).
+    precision : str
+        Arithmetic of the network on a CUDA GPU: "auto" (float16 where it is safe, through
+        autocast: the fastest) or "float32" (float32 throughout, TF32 off: the CPU's
+        arithmetic, for results that must match a CPU run's to the cell). The CPU always
+        computes in float32.
     chunk_size_px : int
         Side of the square core of a chunk, in level-0 pixels.
     halo_px : int
@@ -139,6 +146,7 @@ class AnalysisConfig:
     screen_margin_um: float = 8.0
     torch_threads: int = 0
     runtime: str = "auto"
+    precision: str = "auto"
     chunk_size_px: int = 2048
     halo_px: int = 64
     tissue_pixel_size_um: float = 8.0
@@ -192,6 +200,8 @@ class AnalysisConfig:
             )
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name, words in (
             ("ki67_threshold", ("auto", "detector")),
             ("her2_threshold", ("auto", "off")),

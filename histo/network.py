@@ -246,6 +246,7 @@ def detect_cells_unet(
             tile=tile,
             batch_size=batch_size,
             channels_last=True,
+            float16=config.precision == "auto",
         )
 
     # What the chunk fell back to, if anything: recorded in summary.json ("fallbacks").

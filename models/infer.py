@@ -8,6 +8,7 @@ test on an array and napari on the current view alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -278,6 +279,7 @@ def predict_maps(
     screen: np.ndarray | None = None,
     screen_margin: int | None = None,
     channels_last: bool = False,
+    float16: bool = True,
 ) -> np.ndarray:
     """Probability maps (3, H, W) of the network on an input (4, H, W) of any size.
 
@@ -287,8 +289,10 @@ def predict_maps(
     the network runs only on crops that cover its True pixels (`crop_boxes`, with
     `screen_margin` px of context); elsewhere the maps stay 0. Crops of one shape go through
     the network together, `batch_size` at a time.
-    Runs under `torch.inference_mode`, with autocast (float16) on CUDA; with `channels_last`
-    the batches are handed over in channels-last memory order (for `fast_inference_net`).
+    Runs under `torch.inference_mode`; on CUDA with autocast (float16), or with `float16`
+    False in float32 with TF32 off (the CPU's arithmetic), each batch copied from pinned
+    memory without waiting; with `channels_last` the batches are handed over in
+    channels-last memory order (for `fast_inference_net`).
     `model` may also be an ONNX Runtime network (`models.runtime.OnnxNet`), given numpy
     batches.
     """
@@ -325,8 +329,13 @@ def predict_maps(
         return out
     pad = margin
     xp = np.pad(x, ((0, 0), (pad, pad + span), (pad, pad + span)), mode="reflect")
-    use_amp = device.type == "cuda"
-    with torch.inference_mode():
+    cuda = device.type == "cuda"
+    use_amp = cuda and float16
+    # In float32 on a GPU, cuDNN's convolutions would otherwise round through TF32.
+    exact = (
+        torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if cuda and not float16 else None
+    )
+    with torch.inference_mode(), exact or contextlib.nullcontext():
         for group in batches:
             batch = np.stack(
                 [xp[:, y0 : y1 + 2 * margin, x0 : x1 + 2 * margin] for y0, y1, x0, x1 in group]
@@ -335,7 +344,8 @@ def predict_maps(
                 logits = model.run(batch)
                 prob = expit(logits.astype(np.float32, copy=False))
             else:
-                t = torch.from_numpy(batch).to(device)
+                t = torch.from_numpy(batch)
+                t = t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
                 if channels_last:
                     t = t.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type="cuda", enabled=use_amp):

@@ -34,6 +34,26 @@ def measure(cmd: list[str], limit_gb: float | None = None) -> tuple[float | None
     return (seconds if rc == 0 else None), rss, rc
 
 
+#: A fresh process that decodes a slide's full-resolution level once: the floor of a run.
+DECODE = "import sys, tifffile; tifffile.imread(sys.argv[1], level=0)"
+
+
+def rotating(items: list, repeats: int):
+    """(repeat, item) for every item in every repeat, the order rotated by one each repeat,
+    so that no item always runs first (on a cold disk cache) or last."""
+    for rep in range(repeats):
+        k = rep % len(items)
+        for item in items[k:] + items[:k]:
+            yield rep, item
+
+
+def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median seconds, largest peak GB) of `measure` results (seconds, GB)."""
+    import statistics
+
+    return statistics.median(t for t, _ in runs), max(gb for _, gb in runs)
+
+
 def machine_line() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return (

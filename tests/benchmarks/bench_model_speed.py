@@ -23,9 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, measure, synth_slide, write_section  # noqa: E402
-
-_DECODE = "import sys, tifffile; tifffile.imread(sys.argv[1], level=0)"
+from _common import DECODE, machine_line, measure, synth_slide, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +40,7 @@ def main() -> None:
         rss = dict.fromkeys(times, 0.0)
         cells = {}
         for _ in range(args.repeat):
-            t, r, _ = measure([sys.executable, "-c", _DECODE, str(slide)])
+            t, r, _ = measure([sys.executable, "-c", DECODE, str(slide)])
             times["decode"].append(t)
             rss["decode"] = max(rss["decode"], r)
             for name, path in models.items():

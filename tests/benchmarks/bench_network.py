@@ -36,16 +36,17 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
+    DECODE,
     HELD_OUT,
     held_out_slides,
     lesion_table,
     machine_line,
     measure,
+    median_run,
+    rotating,
     synth_slide,
     write_section,
 )
-
-_DECODE = "import sys, tifffile; tifffile.imread(sys.argv[1], level=0)"
 
 
 def _recall(screened, dense) -> tuple[int, int]:
@@ -139,7 +140,6 @@ def _run(slide: Path, out: Path, extra: list[str]):
 
 
 def main() -> None:
-    import statistics
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="8192x6144")
@@ -160,25 +160,18 @@ def main() -> None:
         synth_slide(slide, args.size, seed=3)
         times: dict[str, list] = {"decode": []}
         runs = {}
-        for rep in range(args.repeats):
-            # Rotate the order: each method in each position once over three repeats.
-            order = [("decode", None), *methods]
-            order = order[rep % len(order) :] + order[: rep % len(order)]
-            for name, extra in order:
-                if name == "decode":
-                    times["decode"].append(measure([py, "-c", _DECODE, str(slide)])[:2])
-                    continue
-                out = Path(tmp) / f"{name.replace(' ', '_')}_{rep}"
-                m, summary, lesions = _run(slide, out, extra)
-                times.setdefault(name, []).append(m[:2])
-                runs[name] = (summary, lesions)
-                print(name, rep, m, flush=True)
+        for rep, (name, extra) in rotating([("decode", None), *methods], args.repeats):
+            if name == "decode":
+                times["decode"].append(measure([py, "-c", DECODE, str(slide)])[:2])
+                continue
+            out = Path(tmp) / f"{name.replace(' ', '_')}_{rep}"
+            m, summary, lesions = _run(slide, out, extra)
+            times.setdefault(name, []).append(m[:2])
+            runs[name] = (summary, lesions)
+            print(name, rep, m, flush=True)
 
         def med(name):
-            return (
-                statistics.median(t[0] for t in times[name]),
-                max(t[1] for t in times[name]),
-            )
+            return median_run(times[name])
 
         dec = med("decode")
         # Time per 1,000 HER2+ cells: the same field with few, some and many cells.

@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, measure, synth_slide, write_section  # noqa: E402
-
-_DECODE = "import sys, tifffile; tifffile.imread(sys.argv[1], level=0)"
+from _common import DECODE, machine_line, measure, synth_slide, write_section  # noqa: E402
 
 #: (stage, (file suffix, function name) whose cumulative time it is, or None: computed).
 STAGES = [
@@ -160,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         slide = synth_slide(Path(tmp) / "bench.ome.tif", args.size, seed=3)
-        decode, _, _ = measure([sys.executable, "-c", _DECODE, str(slide)])
+        decode, _, _ = measure([sys.executable, "-c", DECODE, str(slide)])
         cmd = [sys.executable, "-m", "histo", "run", str(slide), "--out", str(Path(tmp) / "cli")]
         cli, cli_gb, rc = measure(cmd + ["--method", args.method])
         if rc != 0:

@@ -63,7 +63,8 @@ class Bench:
     quick: list[str]
     #: The BENCHMARKS.md sections it writes (markers ``<!-- KEY:start -->``).
     sections: tuple[str, ...]
-    #: "display" (runs under Xvfb), "real-data" (needs ``--real-data``), or None.
+    #: "display" (runs under Xvfb), "real-data" (needs ``--real-data``), "gpu" (needs a
+    #: CUDA GPU), or None.
     needs: str | None = None
     note: str = field(default="")
 
@@ -282,6 +283,15 @@ BENCHES: list[Bench] = [
         ("bench_real_if_calibrated",),
         needs="real-data",
         note="the operating point chosen on one reviewed real field",
+    ),
+    Bench(
+        "gpu",
+        "bench_gpu.py",
+        [],
+        ["--size", "2048x1536", "--held-out-size", "1024x768", "--repeats", "1"],
+        ("bench_gpu",),
+        needs="gpu",
+        note="on a machine with a CUDA GPU",
     ),
 ]
 
@@ -665,7 +675,15 @@ def _command(bench: Bench, quick: bool, real: Path | None) -> list[str] | None:
         cmd = ["xvfb-run", "-a", *cmd]
     if bench.needs == "real-data" and real is None:
         return None
+    if bench.needs == "gpu" and not _has_cuda():
+        return None
     return cmd
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:
@@ -712,7 +730,9 @@ def main(argv=None) -> int:
             continue
         cmd = _command(bench, args.quick, args.real_data)
         if cmd is None:
-            reason = "no display and no xvfb-run" if bench.needs == "display" else "--real-data"
+            reason = {"display": "no display and no xvfb-run", "gpu": "a CUDA GPU"}.get(
+                bench.needs, "--real-data"
+            )
             skipped.append(f"{bench.name} (needs {reason})")
             print(f"skip  {bench.name}: needs {reason}", flush=True)
             continue

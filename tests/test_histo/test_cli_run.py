@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from histo.config import AnalysisConfig
 from histo.io import write_ome_tiff
 from histo.synthetic import generate_slide
 
@@ -163,7 +164,7 @@ def test_slurm_job_script_renders_without_slurm():
     assert "--nthreads 1" in script and "--nworkers 4" in script
 
 
-def test_the_int8_runtime_is_a_different_analysis_and_torch_is_not(tmp_path, good):
+def test_the_int8_runtime_is_a_different_analysis_and_torch_and_float32_are_not(tmp_path, good):
     """A slide analysed with the default runtime is skipped when run again in PyTorch (the
     same cells), but analysed again with ``--runtime int8``, whose summary says so."""
     out = tmp_path / "out"
@@ -171,6 +172,15 @@ def test_the_int8_runtime_is_a_different_analysis_and_torch_is_not(tmp_path, goo
     assert first.returncode == 0, first.stderr
     again = lungmets("run", good.path, "--out", out, "--method", "unet", "--runtime", "torch")
     assert again.returncode == 0 and "1 already done and skipped" in again.stdout, again.stdout
+    # The GPU's arithmetic is a matter of speed too (BENCHMARKS.md "Network speed (GPU)": the
+    # same cells as the CPU's in float16 and float32); a precision that does not exist is
+    # refused by name.
+    exact = lungmets("run", good.path, "--out", out, "--method", "unet", "--precision", "float32")
+    assert exact.returncode == 0 and "1 already done and skipped" in exact.stdout, exact.stdout
+    bad = lungmets("run", good.path, "--out", out, "--precision", "float16")
+    assert bad.returncode == 2 and "--precision" in bad.stderr and "float32" in bad.stderr
+    with pytest.raises(ValueError, match="precision must be one of"):
+        AnalysisConfig(precision="half")
     int8 = lungmets("run", good.path, "--out", out, "--method", "unet", "--runtime", "int8")
     assert int8.returncode == 0 and "0 already done and skipped" in int8.stdout, int8.stdout
     summary = json.loads((out / "good" / "summary.json").read_text())
