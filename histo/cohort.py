@@ -396,8 +396,22 @@ def load_sections(
 
 
 #: Slides whose Ki67 threshold is further than this factor from the median of the others are
-#: listed.
+#: listed (where that makes a difference to their calls: `threshold_warnings`).
 THRESHOLD_SPREAD = 2.0
+
+
+def _calls_changed(section: pd.Series, threshold: float) -> tuple[int, int] | None:
+    """(HER2+ cells of a section whose Ki67 call `threshold` would change, its cells), from
+    its results' cells.csv in the measure it was called in; None where that cannot be read."""
+    measure = section.get("ki67_measure") or "mean"
+    path = Path(str(section.get("results"))) / "cells.csv"
+    try:
+        values = pd.read_csv(path, usecols=[f"ki67_{measure}"]).iloc[:, 0].to_numpy(float)
+    except (OSError, ValueError):
+        return None
+    values = values[np.isfinite(values)]
+    now = values >= section["ki67_threshold"]
+    return int((now != (values >= threshold)).sum()), len(values)
 
 
 def threshold_warnings(sections: pd.DataFrame) -> list[str]:
@@ -406,7 +420,10 @@ def threshold_warnings(sections: pd.DataFrame) -> list[str]:
 
     Thresholds are compared relative to each slide's own negative nuclei (exposure differs from
     slide to slide; where the threshold sits above the negatives should not): a slide more
-    than `THRESHOLD_SPREAD` x from the median of the other slides is listed.
+    than `THRESHOLD_SPREAD` x from the median of the other slides is listed when the other
+    slides' threshold (that median times its own negatives) would call at least one of its
+    HER2+ cells otherwise. A threshold anywhere in the empty gap between a slide's negative
+    and positive cells calls them all alike: a gap-wide difference is not one to act on.
     """
     out = []
     if "ki67_threshold" not in sections or not len(sections):
@@ -417,21 +434,28 @@ def threshold_warnings(sections: pd.DataFrame) -> list[str]:
     if ok.sum() >= 2:
         v = t.to_numpy()
         # Each slide against the median of the others (with two slides: against each other).
-        far = [
-            i
-            for i in np.flatnonzero(ok)
-            if not (
-                1 / THRESHOLD_SPREAD
-                <= v[i] / np.median(v[ok & (np.arange(len(v)) != i)])
-                <= THRESHOLD_SPREAD
-            )
-        ]
+        far, changed = [], []
+        for i in np.flatnonzero(ok):
+            typical = np.median(v[ok & (np.arange(len(v)) != i)])
+            if 1 / THRESHOLD_SPREAD <= v[i] / typical <= THRESHOLD_SPREAD:
+                continue
+            row = sections.iloc[i]
+            n = _calls_changed(row, row["ki67_threshold"] * typical / v[i])
+            if n is None or n[0] > 0:
+                far.append(i)
+                changed.append(n)
         if far:
             rows = sections.iloc[far]
             listed = ", ".join(
                 f"{r.slide} ({r.ki67_threshold:.0f} counts, {v[i]:.1f}x its negatives, "
-                f"{r.ki67_threshold_method})"
-                for i, r in zip(far, rows.itertuples(), strict=True)
+                f"{r.ki67_threshold_method}"
+                + (
+                    ""
+                    if n is None
+                    else f"; {n[0]} of its {n[1]} cells called otherwise at the others' threshold"
+                )
+                + ")"
+                for i, r, n in zip(far, rows.itertuples(), changed, strict=True)
             )
             out.append(
                 f"Ki67 was called with very different thresholds: {len(far)} slide(s) whose "

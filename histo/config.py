@@ -104,10 +104,10 @@ class AnalysisConfig:
         ``"detector"``: the detector's own calls (the network's Ki67 output; the calibrated
         value is reported).
     ki67_measure : {"mean", "p90"}
-        What a nucleus's Ki67 is, for the calibration and the calls: its mean (default,
-        ``ki67_mean``) or its brightest tenth (the 90th percentile of its pixels,
-        ``ki67_p90``: granular positives stand out of non-specific background spread evenly
-        over the nucleus; BENCHMARKS.md "Ki67 calls on held-out Ki67 styles").
+        What a nucleus's Ki67 is, for the calibration and the calls: its brightest tenth
+        (default: the 90th percentile of its pixels, ``ki67_p90``: granular positives stand
+        out of non-specific background spread evenly over the nucleus; BENCHMARKS.md "Ki67
+        calls on held-out Ki67 styles") or its mean (``ki67_mean``).
     her2_threshold : float, "auto" or "off"
         Mean HER2 over a detected cell above the offset (counts) below which it is not
         counted; ``"auto"``: calibrated on the slide's ordinary cells (`histo.markers`);
@@ -164,7 +164,7 @@ class AnalysisConfig:
     autofluorescence_max_ratio: float = 3.0
     ki67_min_ratio: float = 4.0
     ki67_threshold: float | str = "auto"
-    ki67_measure: str = "mean"
+    ki67_measure: str = "p90"
     her2_threshold: float | str = "off"
     her2_min_over_autofluorescence: float = 1.1
     her2_min_population_gap: float = 4.0

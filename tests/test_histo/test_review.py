@@ -238,10 +238,9 @@ def test_a_reviewed_ki67_threshold_is_journaled_replayed_and_undone(folder):
     assert ReviewSession(folder).reviewed_ki67_threshold is None
 
 
-def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tmp_path):
+def _two_slide_study(folder, tmp_path):
+    """A second copy of the result folder (lung2, mouse m2) and a sample sheet of the two."""
     import shutil
-
-    from histo.cohort import analyze_cohort, set_study_ki67_threshold
 
     other = folder.parent / "lung2"
     shutil.copytree(folder, other)
@@ -250,6 +249,14 @@ def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tm
         "slide,mouse,group,dpi,section\n"
         f"{folder.name}.ome.tif,m1,IAV,15,1\nlung2.ome.tif,m2,IAV,15,1\n"
     )
+    return other, sheet
+
+
+def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tmp_path):
+
+    from histo.cohort import analyze_cohort, set_study_ki67_threshold
+
+    other, sheet = _two_slide_study(folder, tmp_path)
     raw = analyze_cohort(sheet, folder.parent)
     assert not any("threshold" in w for w in raw.warnings)
     t = ReviewSession(folder).ki67_threshold
@@ -264,6 +271,33 @@ def test_cohort_counts_with_the_reviewed_threshold_and_flags_outliers(folder, tm
     same = analyze_cohort(sheet, folder.parent)
     assert not any("threshold" in w or "different ways" in w for w in same.warnings)
     assert (same.sections["ki67_threshold"] == 2 * t).all()
+
+
+def test_cohort_lets_a_far_threshold_pass_where_it_calls_every_cell_alike(folder, tmp_path):
+    """A threshold more than THRESHOLD_SPREAD x from the study's, but inside the empty gap
+    between a slide's negative and positive cells, calls them as the study's would: not
+    listed as very different. Moved past its cells, it is, with how many it calls otherwise."""
+
+    from histo.cohort import THRESHOLD_SPREAD, analyze_cohort
+
+    other, sheet = _two_slide_study(folder, tmp_path)
+    s = ReviewSession(other)
+    t = s.ki67_threshold
+    values = s.cells[s.ki67_column].to_numpy(float)
+    below = values[values < t].max()
+    low = (below + t / THRESHOLD_SPREAD) / 2  # in the gap, far from the study's threshold
+    assert below < low < t / THRESHOLD_SPREAD and (values >= t).sum() >= 5
+    s.set_ki67_threshold(low)
+    quiet = analyze_cohort(sheet, folder.parent)
+    assert not any("very different thresholds" in w for w in quiet.warnings)
+    assert quiet.sections.set_index("mouse").loc["m2", "ki67_threshold"] == low
+    high = 5 * t
+    s.set_ki67_threshold(high)
+    loud = analyze_cohort(sheet, folder.parent)
+    (w,) = [w for w in loud.warnings if "very different thresholds" in w]
+    n = int(((values >= t) & (values < high)).sum())
+    assert n > 0 and f"lung2.ome.tif ({high:.0f} counts" in w
+    assert f"{n} of its {len(values)} cells called otherwise" in w
 
 
 def test_cohort_warns_when_slides_measured_ki67_differently(folder, tmp_path):
