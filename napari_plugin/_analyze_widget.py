@@ -199,6 +199,7 @@ class AnalyzeWidget(QWidget):
         self.viewer = napari_viewer
         self.worker = None
         self._pbar = None
+        self._returned = False
         self._cancel = threading.Event()
         self._default_out = ""
         defaults = AnalysisConfig()
@@ -386,6 +387,7 @@ class AnalyzeWidget(QWidget):
 
         self._pbar = progress(total=0, desc=f"lungmets: {Path(path).name}")
         self._cancel = threading.Event()
+        self._returned = False
         worker = thread_worker(analyze_and_write, start_thread=False)(
             path, config, out_dir, region, self._cancel
         )
@@ -409,16 +411,21 @@ class AnalyzeWidget(QWidget):
             self._set_status("Cancelling …")
 
     def _on_progress(self, step) -> None:
+        if self._returned:  # a step's signal handled after the result: stale
+            return
         done, total, message = step
-        advance(self._pbar, done, total, message)
+        # The status first: moving the progress bar may let the result's signal in, whose
+        # status must stay the last word.
         if message == "chunks":
             self._set_status(f"Analysing: {done} of {total} chunks")
         elif message == "overview":
             self._set_status(f"No pyramid: reading an overview, {done} of {total} regions")
         else:
             self._set_status(f"{message[:1].upper()}{message[1:]} …")
+        advance(self._pbar, done, total, message)
 
     def _on_returned(self, value) -> None:
+        self._returned = True
         if value is None:  # cancelled before anything was written
             self._on_aborted()
             return
