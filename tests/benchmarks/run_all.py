@@ -73,6 +73,41 @@ _GEN_MODELS = (
     f"v4=default,v2={V2_PT},v1={V1_PT},v4-her2auto=default:her2=auto,v4-no-af-check=default:af=0"
 )
 
+#: bench_markers' sets of sections (first seed: what each is for).
+MARKER_SETS = {
+    94000: "six sections per style: dormant cells in the tens",
+    96000: "the same styles on other sections (seeds 96000+): where the calibration's constants "
+    "were chosen",
+    98000: "the same styles on other sections (seeds 98000+): a check",
+    99000: "the same styles on other sections (seeds 99000+): a check no rule was chosen on",
+}
+
+
+def _markers(seed: int, measure: str | None = None) -> Bench:
+    """bench_markers on one set of sections, with the default Ki67 measure or `measure`."""
+    first = seed == min(MARKER_SETS)
+    args = ([] if first else ["--seed", str(seed)]) + (
+        [] if measure is None else ["--ki67-measure", measure]
+    )
+    return Bench(
+        "markers" + ("" if measure is None else f"-{measure}") + ("" if first else f"-seed{seed}"),
+        "bench_markers.py",
+        ["--size", "2048x2048", "--sections", "6", *args],
+        ["--size", "768x768", *args],
+        (
+            "bench_markers"
+            + ("" if first else f"_seed{seed}")
+            + ("" if measure is None else f"_{measure}"),
+        ),
+        note=MARKER_SETS[seed]
+        + (
+            ""
+            if measure is None
+            else f"; Ki67 as each nucleus's {measure} (the default before 2026-12-04)"
+        ),
+    )
+
+
 #: Every benchmark whose output is published, in the order run_all runs them.
 BENCHES: list[Bench] = [
     Bench(
@@ -187,44 +222,8 @@ BENCHES: list[Bench] = [
         ("bench_generalisation_s6",),
         note="the shipped network on six sections per case (and its int8 runtime)",
     ),
-    Bench(
-        "markers",
-        "bench_markers.py",
-        ["--size", "2048x2048", "--sections", "6"],
-        ["--size", "768x768"],
-        ("bench_markers",),
-        note="six sections per style: dormant cells in the tens",
-    ),
-    *(
-        Bench(
-            f"markers-seed{seed}",
-            "bench_markers.py",
-            ["--size", "2048x2048", "--sections", "6", "--seed", str(seed)],
-            ["--size", "768x768", "--seed", str(seed)],
-            (f"bench_markers_seed{seed}",),
-            note=f"the same styles on other sections (seeds {seed}+): "
-            + {
-                96000: "where the calibration's constants were chosen",
-                98000: "a check",
-                99000: "a check no rule was chosen on",
-            }[seed],
-        )
-        for seed in (96000, 98000, 99000)
-    ),
-    *(
-        Bench(
-            f"markers-mean{'' if seed == 94000 else f'-seed{seed}'}",
-            "bench_markers.py",
-            ["--size", "2048x2048", "--sections", "6", "--ki67-measure", "mean"]
-            + ([] if seed == 94000 else ["--seed", str(seed)]),
-            ["--size", "768x768", "--ki67-measure", "mean"]
-            + ([] if seed == 94000 else ["--seed", str(seed)]),
-            (f"bench_markers{'' if seed == 94000 else f'_seed{seed}'}_mean",),
-            note="the same sections with Ki67 as each nucleus's mean (--ki67-measure mean, "
-            "the default before 2026-12-04)",
-        )
-        for seed in (94000, 96000, 98000, 99000)
-    ),
+    *(_markers(seed) for seed in MARKER_SETS),
+    *(_markers(seed, "mean") for seed in MARKER_SETS),
     *(
         Bench(
             f"screen-styles-{seed}",
