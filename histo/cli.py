@@ -846,9 +846,9 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         "--ki67-measure",
         choices=KI67_MEASURES,
         default=_DEFAULTS.ki67_measure,
-        help="a nucleus's Ki67: the mean of its pixels, or p90, their brightest tenth "
-        "(granular positives stand out of non-specific background spread evenly over the "
-        "nucleus); keep one for a whole study (default: %(default)s)",
+        help="a nucleus's Ki67: p90, the brightest tenth of its pixels (granular positives "
+        "stand out of non-specific background spread evenly over the nucleus), or the mean "
+        "of its pixels; keep one for a whole study (default: %(default)s)",
     )
     parser.add_argument(
         "--her2-threshold",
@@ -1061,8 +1061,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_threshold(("auto",)),
         required=True,
         metavar="COUNTS|auto",
-        help="nuclear Ki67 above the offset (in the measure the run used: mean, or p90 with "
-        "--ki67-measure p90) from which a cell is Ki67+; auto: each slide's calibrated "
+        help="nuclear Ki67 above the offset (in the measure the run used: p90, or the mean "
+        "with --ki67-measure mean) from which a cell is Ki67+; auto: each slide's calibrated "
         "threshold (stored by the run)",
     )
     rethr.set_defaults(handler=_run_rethreshold)

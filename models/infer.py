@@ -332,10 +332,12 @@ def predict_maps(
     cuda = device.type == "cuda"
     use_amp = cuda and float16
     # In float32 on a GPU, cuDNN's convolutions would otherwise round through TF32.
-    exact = (
-        torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if cuda and not float16 else None
+    arithmetic = (
+        torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+        if cuda and not float16
+        else contextlib.nullcontext()
     )
-    with torch.inference_mode(), exact or contextlib.nullcontext():
+    with torch.inference_mode(), arithmetic:
         for group in batches:
             batch = np.stack(
                 [xp[:, y0 : y1 + 2 * margin, x0 : x1 + 2 * margin] for y0, y1, x0, x1 in group]
