@@ -54,6 +54,20 @@ def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(t for t, _ in runs), max(gb for _, gb in runs)
 
 
+def run_outputs(out: Path, slide: Path):
+    """(summary dict, cells, lesions) that `lungmets run SLIDE --out OUT` wrote."""
+    import json
+
+    import pandas as pd
+
+    folder = Path(out) / Path(slide).name.split(".")[0]
+    return (
+        json.loads((folder / "summary.json").read_text()),
+        pd.read_csv(folder / "cells.csv"),
+        pd.read_csv(folder / "lesions.csv"),
+    )
+
+
 def machine_line() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return (

@@ -30,7 +30,6 @@ it measured); ``--write`` puts them into BENCHMARKS.md between the ``bench_gpu``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
@@ -52,6 +50,7 @@ from _common import (  # noqa: E402
     measure,
     median_run,
     rotating,
+    run_outputs,
     synth_slide,
     write_section,
 )
@@ -106,29 +105,22 @@ class GpuSampler:
         return max((m for _, m in self.samples), default=float("nan")) / 1024
 
 
-def _cells_agree(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, int, int, int]:
-    """(cells of `a`, of `b`, matched one to one within 0.5 um, matched with another Ki67
-    call)."""
+def _agreement_row(name: str, gpu, cpu) -> str:
+    """One table row: the GPU run's (cells, lesions) against the CPU run's: cells matched one
+    to one within 0.5 um, matched cells with another Ki67 call, and the lesion tables."""
     from histo.evaluate import match_points
 
-    pi, ti = match_points(a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), 0.5)
-    differ = 0
-    if "ki67_pos" in a and "ki67_pos" in b and len(pi):
-        # Without a Ki67 channel the calls are missing (NA) in both.
-        ka = a["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool)[pi]
-        kb = b["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool)[ti]
-        differ = int((ka != kb).sum())
-    return len(a), len(b), len(pi), differ
-
-
-def _agree_cells(name: str, gpu, cpu) -> str:
-    """One table row: GPU cells/lesions against the CPU's."""
-    cells_g, les_g = gpu
-    cells_c, les_c = cpu
-    ng, nc, matched, ki = _cells_agree(cells_g, cells_c)
+    (cells_g, les_g), (cells_c, les_c) = gpu, cpu
+    pi, ti = match_points(
+        cells_g[["x_um", "y_um"]].to_numpy(), cells_c[["x_um", "y_um"]].to_numpy(), 0.5
+    )
+    # Without a Ki67 channel the calls are missing (NA) in both.
+    ka = cells_g["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool)[pi]
+    kb = cells_c["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool)[ti]
     same = lesion_table(les_g) == lesion_table(les_c)
     return (
-        f"| {name} | {ng} / {nc} | {matched} ({matched / max(nc, 1):.1%}) | {ki} | "
+        f"| {name} | {len(cells_g)} / {len(cells_c)} | {len(pi)} "
+        f"({len(pi) / max(len(cells_c), 1):.1%}) | {int((ka != kb).sum())} | "
         f"{len(les_g)} / {len(les_c)} | {'identical' if same else 'DIFFERENT'} |"
     )
 
@@ -249,11 +241,12 @@ def main() -> None:
         times: dict[str, list] = {"decode": []}
         gpu_use: dict[str, list] = {}
         runs = {}
-        for rep, (name, extra) in rotating([("decode", None), *methods], args.repeats):
+        order = rotating([("decode", None), *methods], args.repeats)
+        for k, (rep, (name, extra)) in enumerate(order):
             if name == "decode":
                 times["decode"].append(measure([py, "-c", DECODE, str(slide)])[:2])
                 continue
-            out = tmp / f"run_{len(times.get(name, []))}_{abs(hash(name))}"
+            out = tmp / f"run{k}"
             cmd = [py, "-m", "histo", "run", str(slide), "--out", str(out), *extra]
             with GpuSampler() as sampler:
                 m = measure(cmd)
@@ -261,12 +254,7 @@ def main() -> None:
                 raise SystemExit(f"{name}: lungmets run failed (exit {m[2]})")
             times.setdefault(name, []).append(m[:2])
             gpu_use.setdefault(name, []).append((sampler.busy, sampler.peak_gb))
-            res = out / slide.name.split(".")[0]
-            runs[name] = (
-                json.loads((res / "summary.json").read_text()),
-                pd.read_csv(res / "cells.csv"),
-                pd.read_csv(res / "lesions.csv"),
-            )
+            runs[name] = run_outputs(out, slide)
             print(name, rep, m, gpu_use[name][-1], flush=True)
 
         def med(name):
@@ -341,7 +329,7 @@ def main() -> None:
         cpu8k = runs[methods[3][0]]
         for label, name in (("float16", methods[0][0]), ("float32", methods[1][0])):
             g = runs[name]
-            emit(_agree_cells(f"benchmark slide ({args.size}), {label}", g[1:], cpu8k[1:]))
+            emit(_agreement_row(f"benchmark slide ({args.size}), {label}", g[1:], cpu8k[1:]))
         for seed, (group, dpi, ki67), s in held:
             cpu = analyze_slide(s.path, base.replace(device="cpu"))
             for label, cfg in (
@@ -350,7 +338,7 @@ def main() -> None:
             ):
                 g = analyze_slide(s.path, cfg)
                 name = f"{seed}: {group} d{dpi}{'' if ki67 else ' no Ki67'}, {label}"
-                emit(_agree_cells(name, (g.cells, g.lesions), (cpu.cells, cpu.lesions)))
+                emit(_agreement_row(name, (g.cells, g.lesions), (cpu.cells, cpu.lesions)))
     if args.write:
         write_section("bench_gpu", TITLE, lines)
 

@@ -27,12 +27,9 @@ is a little more). ``--write`` puts the tables into BENCHMARKS.md between the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
-
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
@@ -44,6 +41,7 @@ from _common import (  # noqa: E402
     measure,
     median_run,
     rotating,
+    run_outputs,
     synth_slide,
     write_section,
 )
@@ -134,8 +132,7 @@ def _run(slide: Path, out: Path, extra: list[str]):
     m = measure(
         [py, "-m", "histo", "run", str(slide), "--out", str(out), "--device", "cpu", *extra]
     )
-    summary = json.loads((out / slide.name.split(".")[0] / "summary.json").read_text())
-    lesions = pd.read_csv(out / slide.name.split(".")[0] / "lesions.csv")
+    summary, _, lesions = run_outputs(out, slide)
     return m, summary, lesions
 
 
