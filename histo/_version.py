@@ -24,4 +24,6 @@ __version__ = "0.1.0"
 #: HER2 over it, are autofluorescent tissue (`AnalysisConfig.her2_min_af_population_gap`).
 #: 12: where the cancer cells show two Ki67 populations, each one's spread is that of its flank
 #: facing the other (`histo.markers._bimodal`).
-ANALYSIS_REVISION = 12
+#: 13: the network's chunks are read from a pyramid level that holds level 0's block means
+#: (`AnalysisConfig.read_pyramid`; values rounded to the file's integers).
+ANALYSIS_REVISION = 13

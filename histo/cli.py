@@ -330,6 +330,7 @@ def _analysis_config(args: argparse.Namespace) -> AnalysisConfig:
             runtime=args.runtime,
             precision=args.precision,
             screen=args.screen,
+            read_pyramid=args.pyramid,
             model_path=None if args.model is None else str(args.model),
             ki67_threshold=args.ki67_threshold,
             ki67_measure=args.ki67_measure,
@@ -832,6 +833,13 @@ def _add_method_options(parser: argparse.ArgumentParser, workers: bool = True) -
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the network only where HER2 is above autofluorescence (default: on)",
+    )
+    parser.add_argument(
+        "--pyramid",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the network's pixels from the slide's pyramid level at its resolution when "
+        "that level holds full resolution's area means (checked on the slide; default: on)",
     )
     parser.add_argument(
         "--ki67-threshold",

@@ -37,6 +37,13 @@ class AnalysisConfig:
     screen : bool
         Run the network only around candidate cancer cells: nuclei wrapped in HER2 that is not
         autofluorescence (see `histo.network.screen_mask`).
+    read_pyramid : bool
+        Network only: read the chunks from the slide's pyramid level at the model's
+        resolution (or a finer one dividing it) where that level holds the area means of full
+        resolution, checked on the slide's own tissue (`histo.io.binned_level`): a quarter of
+        the pixels to decode on a 0.5 um/px slide. The stored means are rounded to the file's
+        integers (within 0.5 counts of those computed here). False: always read full
+        resolution and average it here.
     screen_nucleus_fraction : float
         The screen's nuclei: DAPI (3-um mean) above this fraction of the slide's nuclear level.
     screen_her2_ratio : float
@@ -139,6 +146,7 @@ class AnalysisConfig:
     device: str = "auto"
     batch_size: int = 4
     screen: bool = True
+    read_pyramid: bool = True
     screen_nucleus_fraction: float = 0.08
     screen_her2_ratio: float = 1.0
     screen_her2_coverage: float = 0.25

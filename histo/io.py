@@ -381,6 +381,77 @@ class Slide:
         return _reopen_slide, self._open_args
 
 
+#: A stored level is taken for the area mean of level 0 when, on the regions checked, it lies
+#: within this many counts of it everywhere (rounding to integers moves a mean by up to 0.5;
+#: each further 2x level built from the rounded one adds up to 0.5) ...
+BINNED_MAX_COUNTS = 1.0
+#: ... and within this on average, while level 0 varies inside its blocks by more than it: a
+#: level subsampled from level 0 (every d-th pixel) differs by the pixels' own noise.
+BINNED_MEAN_COUNTS = 0.5
+
+
+def binned_level(slide: Slide, factor: int, regions_px: Sequence[tuple[int, int, int, int]]) -> int:
+    """The coarsest stored pyramid level that holds the area means of level 0 in blocks
+    dividing `factor` (0 if none does, or if it cannot be told).
+
+    A scanner's or converter's pyramid may be built by area averaging (then a chunk can be
+    read there, a fraction of the pixels, instead of averaging level 0 after reading it) or by
+    subsampling or other filters (then it must not). Each candidate level is compared with the
+    block means of level 0 on `regions_px`.
+
+    Parameters
+    ----------
+    slide : Slide
+    factor : int
+        Level-0 pixels per pixel of the resolution wanted (a level of downsample ``d`` is a
+        candidate where ``d`` divides it).
+    regions_px : sequence of (y0, y1, x0, x1)
+        Level-0 boxes to compare on (tissue: glass may be too flat to tell a subsampled level).
+
+    Returns
+    -------
+    int
+        The level's index; 0 means read level 0.
+    """
+    if factor < 2 or not regions_px:
+        return 0
+    c0 = slide._readers[0] if slide._readers else None
+    for level in range(slide.n_levels - 1, 0, -1):
+        reader = slide._readers[level] if slide._readers else None
+        d = slide.downsamples[level]
+        if not isinstance(reader, _LevelReader) or not isinstance(c0, _LevelReader):
+            continue  # levels computed here from level 0 save no decoding
+        if abs(d - round(d)) > 1e-6 or factor % round(d):
+            continue
+        if _holds_block_means(slide, level, round(d), regions_px):
+            return level
+    return 0
+
+
+def _holds_block_means(slide: Slide, level: int, d: int, regions_px) -> bool:
+    """Whether `level` (downsample `d`) equals level 0's d x d block means on the regions."""
+    integer = np.issubdtype(slide.levels[0].dtype, np.integer)
+    h_l, w_l = slide.levels[level].shape[1:]
+    told = False
+    for y0, y1, x0, x1 in regions_px:
+        y0, x0 = -(-y0 // d) * d, -(-x0 // d) * d
+        y1, x1 = min(y1 // d, h_l) * d, min(x1 // d, w_l) * d
+        if y1 - y0 < 4 * d or x1 - x0 < 4 * d:
+            continue
+        full = slide.read_region(0, y0, y1, x0, x1).astype(np.float32)
+        stored = slide.read_region(level, y0 // d, y1 // d, x0 // d, x1 // d).astype(np.float32)
+        c, h, w = stored.shape
+        blocks = full.reshape(c, h, d, w, d)
+        means = blocks.mean(axis=(2, 4))
+        diff = np.abs(stored - means)
+        scale = 1.0 if integer else max(float(np.abs(means).mean()), 1e-12) * 1e-3
+        if diff.max() > BINNED_MAX_COUNTS * scale or diff.mean() > BINNED_MEAN_COUNTS * scale:
+            return False
+        spread = float(np.abs(blocks - means[:, :, None, :, None]).mean())
+        told = told or spread > BINNED_MEAN_COUNTS * scale
+    return told
+
+
 def open_slide(
     path: str | os.PathLike,
     *,

@@ -211,11 +211,15 @@ def detect_cells_unet(
     config: AnalysisConfig,
     origin_px: tuple[int, int] = (0, 0),
     extra_channels: tuple[tuple[str, int], ...] = (),
+    downsample: int = 1,
 ) -> pd.DataFrame:
     """Find HER2+ cells in one tile with the network.
 
     Parameters and returned columns are those of `histo.detect.detect_cells`, plus
     ``centre_prob`` and ``cell_prob`` (the network's confidence at the cell's centre).
+    `image` may also be level 0's `downsample` x `downsample` block means (a pyramid level
+    that holds them), where `downsample` divides the model's whole-number factor; positions
+    (`origin_px`, the returned ``x_px``/``y_px``) and `pixel_size_um` stay level 0's.
     """
     import torch
 
@@ -226,9 +230,15 @@ def detect_cells_unet(
         torch.set_num_threads(config.torch_threads)
     model = load_model(config.model_path, config.device)
     factor = model_factor(model.config["input_um_per_px"], pixel_size_um)
+    # `image`'s pixels per model pixel (the same as `factor` for level-0 pixels).
+    binning = factor / downsample
+    if downsample != 1 and binning != int(binning):
+        raise ValueError(
+            f"pixels binned by {downsample} do not divide the model's factor {factor:g}"
+        )
     # Means at the model's resolution, once: the network's input and the measurements.
-    blocks = {i: resample_mean(image[i], factor) for i in sorted(set(roles.values()))}
-    x = to_model_input(image, roles, stain, factor, blocks=blocks)
+    blocks = {i: resample_mean(image[i], binning) for i in sorted(set(roles.values()))}
+    x = to_model_input(image, roles, stain, binning, blocks=blocks)
     um = model.config["input_um_per_px"]
     screen = None
     if config.screen:
@@ -297,7 +307,7 @@ def detect_cells_unet(
     n = len(cells)
 
     def block(ch):
-        b = blocks[ch] if ch in blocks else resample_mean(image[ch], factor)
+        b = blocks[ch] if ch in blocks else resample_mean(image[ch], binning)
         return b - np.float32(stain.offset[ch])
 
     # Every label image below is zero outside the cells: sum over the cells' pixels only.

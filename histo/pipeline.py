@@ -92,15 +92,17 @@ def analyze_tile(
     pixel_size_um: float,
     core: Chunk | None = None,
     extra_channels: tuple[tuple[str, int], ...] = (),
+    downsample: int = 1,
 ) -> pd.DataFrame:
     """Find the HER2+ cells of one tile of level-0 pixels.
 
     Parameters
     ----------
     pixels : ndarray, shape (C, Y, X)
-        Raw counts.
+        Raw counts: level 0, or (network only) its `downsample` x `downsample` block means, as
+        a pyramid level that holds them stores (`histo.io.binned_level`).
     origin_px : (int, int)
-        Level-0 (row, column) of ``pixels[:, 0, 0]``.
+        Level-0 (row, column) of ``pixels[:, 0, 0]`` (a multiple of `downsample`).
     config : AnalysisConfig
     roles : dict
         Channel indices of DAPI, HER2 and (optionally) Ki67.
@@ -110,17 +112,25 @@ def analyze_tile(
     core : Chunk, optional
         Keep only cells whose centre this chunk owns (the others belong to a neighbour).
     extra_channels : tuple of (name, index)
+    downsample : int
+        Level-0 pixels per pixel of `pixels` along each axis (1: level 0). `pixel_size_um`
+        stays level 0's.
 
     Returns
     -------
     pandas.DataFrame
         Cells with ``x_um``, ``y_um`` (``x_um = x_px * pixel_size_um``) and measurements.
     """
+    kw = {}
     if config.method == "unet":
         from .network import detect_cells_unet as detect
+
+        kw["downsample"] = downsample
     else:
         from .detect import detect_cells as detect
 
+        if downsample != 1:
+            raise ValueError("the classical detector reads level 0 (downsample 1)")
     cells = detect(
         pixels,
         roles=roles,
@@ -129,6 +139,7 @@ def analyze_tile(
         config=config,
         origin_px=origin_px,
         extra_channels=extra_channels,
+        **kw,
     )
     fallback = cells.attrs.get("fallback")  # e.g. GPU out of memory: ran on the CPU
     if core is not None and len(cells):
@@ -140,13 +151,22 @@ def analyze_tile(
     return cells
 
 
-def _chunk_task(path, channels, pixel_size_um, chunk: Chunk, config, stain) -> pd.DataFrame:
-    """One Dask task: open the slide in this process, read a chunk, analyse it."""
+def _chunk_task(
+    path, channels, pixel_size_um, read_level, chunk: Chunk, config, stain
+) -> pd.DataFrame:
+    """One Dask task: open the slide in this process, read a chunk (from `read_level` where
+    its box falls on that level's pixels: see `_read_level`), analyse it."""
     from .io import open_slide
 
     slide = open_slide(path, channels=channels, pixel_size_um=pixel_size_um)
     y0, y1, x0, x1 = chunk.read
-    pixels = slide.read_region(0, y0, y1, x0, x1)
+    d = round(slide.downsamples[read_level]) if read_level else 1
+    if d > 1 and y0 % d == 0 and x0 % d == 0:
+        h, w = slide.levels[read_level].shape[1:]
+        pixels = slide.read_region(read_level, y0 // d, min(y1 // d, h), x0 // d, min(x1 // d, w))
+    else:
+        d = 1
+        pixels = slide.read_region(0, y0, y1, x0, x1)
     return analyze_tile(
         pixels,
         (y0, x0),
@@ -156,7 +176,35 @@ def _chunk_task(path, channels, pixel_size_um, chunk: Chunk, config, stain) -> p
         pixel_size_um=slide.pixel_size_um,
         core=chunk,
         extra_channels=slide.extra_channels,
+        downsample=d,
     )
+
+
+def _read_level(slide, config, chunks) -> int:
+    """The pyramid level the network's chunks are read from: one that holds level 0's block
+    means at (a divisor of) the model's resolution (`histo.io.binned_level`, checked on the
+    middle of up to four tissue chunks), else 0. Always 0 for the classical detector, with
+    ``config.read_pyramid`` off, or where the model's resolution is not a whole number of
+    slide pixels."""
+    if config.method != "unet" or not config.read_pyramid or not chunks or slide.n_levels < 2:
+        return 0
+    from models import model_config
+    from models.infer import integer_factor
+
+    from .io import binned_level
+    from .network import model_factor
+
+    um = float(model_config(config.model_path)["input_um_per_px"])
+    factor = integer_factor(model_factor(um, slide.pixel_size_um, slide.path))
+    if factor is None or factor < 2:
+        return 0
+    step = max(1, len(chunks) // 4)
+    regions = []
+    for c in chunks[::step][:4]:
+        y0, y1, x0, x1 = c.core
+        cy, cx, half = (y0 + y1) // 2, (x0 + x1) // 2, 128 * factor
+        regions.append((max(cy - half, 0), cy + half, max(cx - half, 0), cx + half))
+    return binned_level(slide, factor, regions)
 
 
 def file_checksum(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -619,7 +667,8 @@ def iter_analyze_slide(
     if region_px is not None:
         mask = _mask_in_region(mask, mask_px / slide.pixel_size_um, region_px)
     yield (0, len(chunks), "chunks")
-    args = (str(slide.path), _channels_arg(channels), pixel_size_um)
+    read_level = _read_level(slide, config, chunks)
+    args = (str(slide.path), _channels_arg(channels), pixel_size_um, read_level)
     if config.method == "unet" and config.torch_threads == 0:
         # Parallel tasks share the cores: one torch thread per worker process, and the cores
         # divided among the threads of the local scheduler.
@@ -657,7 +706,17 @@ def iter_analyze_slide(
     cells = cells[CELL_OUTPUT_COLUMNS + extra]
     tissue_mm2 = float(mask.sum() * mask_px**2 * 1e-6)
     summary = _summary(
-        slide, config, stain, cells, lesions, tissue_mm2, len(chunks), n_all, where, checksum
+        slide,
+        config,
+        stain,
+        cells,
+        lesions,
+        tissue_mm2,
+        len(chunks),
+        n_all,
+        where,
+        checksum,
+        read_level,
     )
     summary["markers"] = {m: t.to_dict() for m, t in markers.items()}
     # Anything that ran otherwise than asked (resources, not results): say so.
@@ -813,7 +872,17 @@ def summary_counts(cells, lesions, has_ki67: bool, tissue_mm2: float) -> tuple[d
 
 
 def _summary(
-    slide, config, stain, cells, lesions, tissue_mm2, n_chunks, n_all, where, checksum=None
+    slide,
+    config,
+    stain,
+    cells,
+    lesions,
+    tissue_mm2,
+    n_chunks,
+    n_all,
+    where,
+    checksum=None,
+    read_level=0,
 ) -> dict:
     import numpy
     import scipy
@@ -855,6 +924,9 @@ def _summary(
             "total": n_all,
             "size_px": config.chunk_size_px,
             "halo_px": config.halo_px,
+            # The pyramid level the chunks were read from (0: full resolution).
+            "read_level": int(read_level),
+            "read_um_per_px": round(slide.level_pixel_size_um(read_level), 6),
         },
         "scheduler": where,
         "coordinates": "x_um = x_px * pixel_size_um, level-0 pixel centres at integers",

@@ -7,7 +7,8 @@ Run on demand (never in CI)::
 On one generated slide (infected, dpi 15): the time to decode its full-resolution level once
 (the floor), then ``lungmets run --method unet`` dense (``--no-screen``) and screened
 (``--screen``, the default; and screened with ``--runtime torch``, PyTorch instead of ONNX
-Runtime, and with ``--runtime int8``, the 8-bit quantised export), and the classical detector
+Runtime, with ``--runtime int8``, the 8-bit quantised export, and with ``--no-pyramid``,
+reading full resolution instead of the pyramid's 1 um/px level), and the classical detector
 for reference, each in its own
 process (wall time and peak memory), `--repeats` times in a rotating order (no method always
 runs first, on a cold disk cache, or last); medians are reported. Throughput is megapixels of
@@ -17,7 +18,8 @@ control lung, the infected one and a 60-dpi lung of the same size, time per 1,00
 found. Then the screen alone on held-out slides (generator seeds 90001+, never used for
 training, validation or tuning the screen; infected and control lungs, with and without Ki67,
 as in bench_accuracy.py): the screened and dense lesions of each (in-process, CPU), whether
-the 8-bit network's lesion table is the float one's, and the
+the 8-bit network's lesion table is the float one's, whether reading full resolution
+(``read_pyramid=False``, the path before analysis revision 13) gives the same cells, and the
 share of the field the screen selects (pixels) and that the network runs on (its crops with
 their context, `models.infer.crop_boxes`, counted over the whole field at once: per chunk it
 is a little more). ``--write`` puts the tables into BENCHMARKS.md between the
@@ -57,6 +59,15 @@ def _recall(screened, dense) -> tuple[int, int]:
     return len(pi), len(dense)
 
 
+def _same_cells(a, b) -> tuple[int, int, int, int]:
+    """(cells of `a` matched in `b` within 0.5 um, len(a), len(b), Ki67 calls differing)."""
+    from histo.evaluate import match_points
+
+    pi, ti = match_points(a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), 0.5)
+    ki = int((a["ki67_pos"].to_numpy()[pi] != b["ki67_pos"].to_numpy()[ti]).sum())
+    return len(pi), len(a), len(b), ki
+
+
 def _screen_share(path, config) -> tuple[float, float]:
     """Share of the field the screen selects, and the share of network pixels its crops
     (with their context) cost, as a fraction of the field."""
@@ -86,7 +97,7 @@ def held_out_rows(size: str) -> list[str]:
 
     rows = []
     tot = [0, 0]
-    tot8 = 0
+    tot8 = totp = 0
     with tempfile.TemporaryDirectory() as tmp:
         for seed, (group, dpi, ki67), s in held_out_slides(Path(tmp), size):
             cfg = AnalysisConfig(method="unet", device="cpu")
@@ -99,6 +110,12 @@ def held_out_rows(size: str) -> list[str]:
             int8 = analyze_slide(s.path, cfg.replace(runtime="int8"))
             same8 = lesion_table(int8.lesions) == lesion_table(screened.lesions)
             tot8 += same8
+            full = analyze_slide(s.path, cfg.replace(read_pyramid=False))
+            m, na, nb, ki = _same_cells(screened.cells, full.cells)
+            samep = lesion_table(full.lesions) == lesion_table(screened.lesions)
+            samep = samep and m == na == nb and ki == 0
+            totp += samep
+            level = screened.summary["chunks"]["read_level"]
             kept, n = _recall(screened.lesions, dense.lesions)
             tot[0] += kept
             tot[1] += n
@@ -108,7 +125,8 @@ def held_out_rows(size: str) -> list[str]:
                 f"| {name} | {n} | {kept} ({kept / max(n, 1):.1%}) | "
                 f"{len(screened.cells)} / {len(dense.cells)} | {px:.1%} | {net:.0%} | "
                 f"{t_dense:.1f} / {t_scr:.1f} ({t_dense / t_scr:.2f}x) | "
-                f"{'identical' if same8 else 'DIFFERENT'} |"
+                f"{'identical' if same8 else 'DIFFERENT'} | level {level}: "
+                f"{'identical' if samep else f'DIFFERENT ({m} of {na}/{nb} cells, {ki} Ki67)'} |"
             )
             print(rows[-1], flush=True)
     return [
@@ -118,11 +136,12 @@ def held_out_rows(size: str) -> list[str]:
         "",
         "| slide | dense lesions | kept by the screened pass | cells screened / dense "
         "| field screened (pixels) | network pixels (crops with context) "
-        "| time dense / screened (s) | int8 lesion table |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| time dense / screened (s) | int8 lesion table "
+        "| read from the pyramid vs full resolution (cells within 0.5 um, Ki67, lesions) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
         *rows,
         f"| all | {tot[1]} | {tot[0]} ({tot[0] / max(tot[1], 1):.1%}) | | | | "
-        f"| {tot8} of {len(rows)} identical |",
+        f"| {tot8} of {len(rows)} identical | {totp} of {len(rows)} identical |",
     ]
 
 
@@ -150,6 +169,7 @@ def main() -> None:
         ("unet screened", ["--method", "unet", "--screen"]),
         ("unet screened, PyTorch", ["--method", "unet", "--screen", "--runtime", "torch"]),
         ("unet screened, int8", ["--method", "unet", "--screen", "--runtime", "int8"]),
+        ("unet screened, full resolution", ["--method", "unet", "--screen", "--no-pyramid"]),
         ("classical", ["--method", "classical"]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +211,9 @@ def main() -> None:
     torch_les = runs["unet screened, PyTorch"][1]
     same_runtime = lesion_table(scr_les) == lesion_table(torch_les)
     same_int8 = lesion_table(scr_les) == lesion_table(runs["unet screened, int8"][1])
+    full_les = runs["unet screened, full resolution"][1]
+    same_full = lesion_table(scr_les) == lesion_table(full_les)
+    level = runs["unet screened"][0]["chunks"].get("read_level", 0)
     lines = [
         machine_line(),
         f"Command: `python3 tests/benchmarks/bench_network.py --size {args.size} --repeats "
@@ -223,6 +246,12 @@ def main() -> None:
         f"lesion table {'identical' if same_int8 else 'DIFFERENT'}, "
         f"{med('unet screened')[0] / med('unet screened, int8')[0]:.2f}x faster than the "
         "float export.",
+        "",
+        f"The screened run read its chunks from pyramid level {level} (the area means of full "
+        "resolution, `histo.io.binned_level`); with `--no-pyramid` (full resolution, "
+        f"averaged here) the lesion table is {'identical' if same_full else 'DIFFERENT'}, and "
+        f"the pyramid {med('unet screened, full resolution')[0] / med('unet screened')[0]:.2f}x "
+        "faster.",
         "",
         f"Time per 1,000 HER2+ cells (screened run, {args.size}, one run each):",
         "",

@@ -105,7 +105,8 @@ def profile_slide(path: Path, method: str, out: Path):
         tissue=mask,
         tissue_downsample=mask_px / slide.pixel_size_um,
     )
-    parts = [pipeline._chunk_task(str(path), None, None, c, config, stain) for c in chunks]
+    level = pipeline._read_level(slide, config, chunks)
+    parts = [pipeline._chunk_task(str(path), None, None, level, c, config, stain) for c in chunks]
     import pandas as pd
 
     cells = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
@@ -116,7 +117,16 @@ def profile_slide(path: Path, method: str, out: Path):
     cells, lesions = group_lesions(cells, config)
     tissue_mm2 = float(mask.sum() * mask_px**2 * 1e-6)
     summary = pipeline._summary(
-        slide, config, stain, cells, lesions, tissue_mm2, len(chunks), len(chunks), "profile"
+        slide,
+        config,
+        stain,
+        cells,
+        lesions,
+        tissue_mm2,
+        len(chunks),
+        len(chunks),
+        "profile",
+        read_level=level,
     )
     summary["markers"] = {m: t.to_dict() for m, t in markers.items()}
     result = pipeline.AnalysisResult(

@@ -20,7 +20,7 @@ import tifffile
 import zarr
 
 from histo.errors import InputError
-from histo.io import downsample_mean, open_slide, slide_name
+from histo.io import binned_level, downsample_mean, open_slide, slide_name, write_ome_tiff
 from histo.synthetic import generate_slide, slide_stem
 
 RNG = np.random.default_rng(7)
@@ -634,3 +634,49 @@ def test_two_dimensional_single_channel_image_is_refused(tmp_path):
 def test_slide_name_strips_slide_suffixes(path, name):
     assert slide_name(path) == name
     assert slide_stem(path) == name
+
+
+# -- pyramid levels that hold block means ------------------------------------------------------
+
+
+NAMES = ["DAPI", "HER2", "Ki67"]
+
+
+def _lumpy_image(h: int, w: int, dtype=np.uint16) -> np.ndarray:
+    """Three channels of noisy blobs: pixels differ within every 2 x 2 block."""
+    from scipy import ndimage as ndi
+
+    base = ndi.gaussian_filter(RNG.random((3, h, w)), (0, 6, 6)) * 40000
+    img = base + RNG.normal(0, 30, base.shape)
+    return np.clip(img, 0, 65000).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_a_pyramid_of_block_means_is_found_for_the_models_factor(tmp_path, dtype):
+    img = _lumpy_image(1024, 1024, dtype)
+    levels = [img, downsample_mean(img, 2), downsample_mean(downsample_mean(img, 2), 2)]
+    path = write_ome_tiff(tmp_path / "s.ome.tif", levels, channel_names=NAMES, pixel_size_um=0.25)
+    slide = open_slide(path)
+    regions = [(100, 612, 200, 712), (500, 1024, 0, 512)]
+    assert binned_level(slide, 4, regions) == 2  # each 2x level built from the rounded one
+    assert binned_level(slide, 2, regions) == 1
+    assert binned_level(slide, 1, regions) == 0
+    assert binned_level(slide, 3, regions) == 0  # no level divides it
+    assert binned_level(slide, 4, []) == 0  # nothing to check on
+
+
+def test_a_subsampled_or_flat_pyramid_is_not_read_for_block_means(tmp_path):
+    img = _lumpy_image(1024, 1024)
+    sub_levels = [img, img[:, ::2, ::2].copy()]
+    sub = write_ome_tiff(
+        tmp_path / "sub.ome.tif", sub_levels, channel_names=NAMES, pixel_size_um=0.5
+    )
+    regions = [(0, 512, 0, 512), (512, 1024, 512, 1024)]
+    assert binned_level(open_slide(sub), 2, regions) == 0
+    # Glass-like flat pixels: a subsampled level would look the same, so it cannot be told.
+    flat = np.full((3, 1024, 1024), 100, np.uint16)
+    flat_levels = [flat, flat[:, ::2, ::2].copy()]
+    flat_path = write_ome_tiff(
+        tmp_path / "flat.ome.tif", flat_levels, channel_names=NAMES, pixel_size_um=0.5
+    )
+    assert binned_level(open_slide(flat_path), 2, regions) == 0

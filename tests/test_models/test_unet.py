@@ -465,6 +465,32 @@ def test_fast_and_reference_networks_give_identical_cells(held_out):
     assert isinstance(model.net.down[0][1], torch.nn.BatchNorm2d)
 
 
+def test_reading_the_pyramid_gives_the_full_resolution_cells(held_out):
+    """Chunks read from the slide's 1 um/px level (block means of level 0, rounded to the
+    file's integers) against level 0 averaged here: the same cells within 0.5 um, the same
+    Ki67 calls and lesion table."""
+    from histo.evaluate import match_points
+
+    cfg = AnalysisConfig(method="unet", device="cpu")
+    full = analyze_slide(held_out.path, cfg.replace(read_pyramid=False))
+    pyramid = analyze_slide(held_out.path, cfg)
+    assert full.summary["chunks"]["read_level"] == 0
+    assert pyramid.summary["chunks"]["read_level"] == 1
+    assert pyramid.summary["chunks"]["read_um_per_px"] == 1.0
+    a, b = full.cells, pyramid.cells
+    assert len(a) >= 40 and len(a) == len(b)
+    ai, bi = match_points(a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), 0.5)
+    assert len(ai) == len(a)
+    assert (a["ki67_pos"].to_numpy(bool)[ai] == b["ki67_pos"].to_numpy(bool)[bi]).all()
+    # Per-cell means move by the rounding only.
+    assert np.abs(a["her2_mean"].to_numpy()[ai] - b["her2_mean"].to_numpy()[bi]).max() < 0.5
+
+    def table(lesions):
+        return sorted(zip(lesions["n_cells"], lesions["class"], strict=True))
+
+    assert table(pyramid.lesions) == table(full.lesions)
+
+
 @pytest.mark.parametrize("chunk_size_px", [512, 1024])
 def test_network_lesions_do_not_depend_on_chunk_size(held_out, chunk_size_px):
     a = analyze_slide(
