@@ -705,19 +705,8 @@ def iter_analyze_slide(
     extra = [c for c in cells.columns if c not in CELL_OUTPUT_COLUMNS]
     cells = cells[CELL_OUTPUT_COLUMNS + extra]
     tissue_mm2 = float(mask.sum() * mask_px**2 * 1e-6)
-    summary = _summary(
-        slide,
-        config,
-        stain,
-        cells,
-        lesions,
-        tissue_mm2,
-        len(chunks),
-        n_all,
-        where,
-        checksum,
-        read_level,
-    )
+    plan = {"analysed": len(chunks), "total": n_all, "read_level": read_level}
+    summary = _summary(slide, config, stain, cells, lesions, tissue_mm2, plan, where, checksum)
     summary["markers"] = {m: t.to_dict() for m, t in markers.items()}
     # Anything that ran otherwise than asked (resources, not results): say so.
     summary["fallbacks"] = [
@@ -871,19 +860,9 @@ def summary_counts(cells, lesions, has_ki67: bool, tissue_mm2: float) -> tuple[d
     return counts, dens
 
 
-def _summary(
-    slide,
-    config,
-    stain,
-    cells,
-    lesions,
-    tissue_mm2,
-    n_chunks,
-    n_all,
-    where,
-    checksum=None,
-    read_level=0,
-) -> dict:
+def _summary(slide, config, stain, cells, lesions, tissue_mm2, plan, where, checksum=None) -> dict:
+    """summary.json's content; `plan`: the chunks ``analysed``, their ``total`` and the
+    pyramid level read (``read_level``)."""
     import numpy
     import scipy
     import skimage
@@ -920,13 +899,13 @@ def _summary(
         "densities_per_mm2": dens,
         "stain_levels": stain.to_dict(slide.channel_names),
         "chunks": {
-            "analysed": n_chunks,
-            "total": n_all,
+            "analysed": plan["analysed"],
+            "total": plan["total"],
             "size_px": config.chunk_size_px,
             "halo_px": config.halo_px,
             # The pyramid level the chunks were read from (0: full resolution).
-            "read_level": int(read_level),
-            "read_um_per_px": round(slide.level_pixel_size_um(read_level), 6),
+            "read_level": int(plan.get("read_level", 0)),
+            "read_um_per_px": round(slide.level_pixel_size_um(plan.get("read_level", 0)), 6),
         },
         "scheduler": where,
         "coordinates": "x_um = x_px * pixel_size_um, level-0 pixel centres at integers",

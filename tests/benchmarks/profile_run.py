@@ -116,18 +116,8 @@ def profile_slide(path: Path, method: str, out: Path):
     cells = apply_thresholds(cells, markers)
     cells, lesions = group_lesions(cells, config)
     tissue_mm2 = float(mask.sum() * mask_px**2 * 1e-6)
-    summary = pipeline._summary(
-        slide,
-        config,
-        stain,
-        cells,
-        lesions,
-        tissue_mm2,
-        len(chunks),
-        len(chunks),
-        "profile",
-        read_level=level,
-    )
+    plan = {"analysed": len(chunks), "total": len(chunks), "read_level": level}
+    summary = pipeline._summary(slide, config, stain, cells, lesions, tissue_mm2, plan, "profile")
     summary["markers"] = {m: t.to_dict() for m, t in markers.items()}
     result = pipeline.AnalysisResult(
         slide_path=Path(path),
