@@ -64,7 +64,8 @@ def _same_cells(a, b) -> tuple[int, int, int, int]:
     from histo.evaluate import match_points
 
     pi, ti = match_points(a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), 0.5)
-    ki = int((a["ki67_pos"].to_numpy()[pi] != b["ki67_pos"].to_numpy()[ti]).sum())
+    ka, kb = (t["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool) for t in (a, b))
+    ki = int((ka[pi] != kb[ti]).sum())
     return len(pi), len(a), len(b), ki
 
 
