@@ -42,8 +42,10 @@ class AnalysisConfig:
         resolution (or a finer one dividing it) where that level holds the area means of full
         resolution, checked on the slide's own tissue (`histo.io.binned_level`): a quarter of
         the pixels to decode on a 0.5 um/px slide. The stored means are rounded to the file's
-        integers (within 0.5 counts of those computed here). False: always read full
-        resolution and average it here.
+        integers (within 0.5 counts of those computed here), so an integer file is read there
+        only where every channel's autofluorescence is at least 10 counts (the rounding then
+        stays within 5% of the network's unit; dark and 8-bit slides read full resolution).
+        False: always read full resolution and average it here.
     screen_nucleus_fraction : float
         The screen's nuclei: DAPI (3-um mean) above this fraction of the slide's nuclear level.
     screen_her2_ratio : float

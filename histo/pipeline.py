@@ -180,14 +180,25 @@ def _chunk_task(
     )
 
 
-def _read_level(slide, config, chunks) -> int:
+#: A pyramid level stores its block means rounded to the file's integers (up to half a count
+#: off): it is read only where that stays within 5% of every channel's reference unit, the
+#: autofluorescence the network's input is measured in (dark or 8-bit slides: full resolution).
+MIN_REFERENCE_COUNTS_FOR_PYRAMID = 10.0
+
+
+def _read_level(slide, config, chunks, stain) -> int:
     """The pyramid level the network's chunks are read from: one that holds level 0's block
     means at (a divisor of) the model's resolution (`histo.io.binned_level`, checked on the
     middle of up to four tissue chunks), else 0. Always 0 for the classical detector, with
-    ``config.read_pyramid`` off, or where the model's resolution is not a whole number of
-    slide pixels."""
+    ``config.read_pyramid`` off, where the model's resolution is not a whole number of slide
+    pixels, or where an integer file's autofluorescence levels are under
+    `MIN_REFERENCE_COUNTS_FOR_PYRAMID` counts."""
     if config.method != "unet" or not config.read_pyramid or not chunks or slide.n_levels < 2:
         return 0
+    if np.issubdtype(slide.levels[0].dtype, np.integer):
+        used = sorted(set(slide.roles.values()))
+        if min(float(stain.autofluorescence[i]) for i in used) < MIN_REFERENCE_COUNTS_FOR_PYRAMID:
+            return 0
     from models import model_config
     from models.infer import integer_factor
 
@@ -667,7 +678,7 @@ def iter_analyze_slide(
     if region_px is not None:
         mask = _mask_in_region(mask, mask_px / slide.pixel_size_um, region_px)
     yield (0, len(chunks), "chunks")
-    read_level = _read_level(slide, config, chunks)
+    read_level = _read_level(slide, config, chunks, stain)
     args = (str(slide.path), _channels_arg(channels), pixel_size_um, read_level)
     if config.method == "unet" and config.torch_threads == 0:
         # Parallel tasks share the cores: one torch thread per worker process, and the cores

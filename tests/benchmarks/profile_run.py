@@ -105,7 +105,7 @@ def profile_slide(path: Path, method: str, out: Path):
         tissue=mask,
         tissue_downsample=mask_px / slide.pixel_size_um,
     )
-    level = pipeline._read_level(slide, config, chunks)
+    level = pipeline._read_level(slide, config, chunks, stain)
     parts = [pipeline._chunk_task(str(path), None, None, level, c, config, stain) for c in chunks]
     import pandas as pd
 
