@@ -413,13 +413,12 @@ def binned_level(slide: Slide, factor: int, regions_px: Sequence[tuple[int, int,
     int
         The level's index; 0 means read level 0.
     """
-    if factor < 2 or not regions_px:
+    readers = slide._readers
+    if factor < 2 or not regions_px or not readers or not isinstance(readers[0], _LevelReader):
         return 0
-    c0 = slide._readers[0] if slide._readers else None
     for level in range(slide.n_levels - 1, 0, -1):
-        reader = slide._readers[level] if slide._readers else None
         d = slide.downsamples[level]
-        if not isinstance(reader, _LevelReader) or not isinstance(c0, _LevelReader):
+        if not isinstance(readers[level], _LevelReader):
             continue  # levels computed here from level 0 save no decoding
         if abs(d - round(d)) > 1e-6 or factor % round(d):
             continue
