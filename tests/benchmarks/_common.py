@@ -136,6 +136,19 @@ def lesion_table(lesions) -> list:
     return sorted(zip(lesions["n_cells"], lesions["class"], strict=True))
 
 
+def same_cells(a, b, distance_um: float = 0.5) -> tuple[int, int, int, int]:
+    """Two runs' cell tables cell by cell: (cells matched one to one within `distance_um`,
+    len(a), len(b), matched cells with another Ki67 call; calls missing without a Ki67
+    channel count as negative in both)."""
+    from histo.evaluate import match_points
+
+    pi, ti = match_points(
+        a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), distance_um
+    )
+    ka, kb = (t["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool) for t in (a, b))
+    return len(pi), len(a), len(b), int((ka[pi] != kb[ti]).sum())
+
+
 def synth_slide(path: Path, size: str, seed: int, group: str = "IAV", dpi: int = 15) -> Path:
     """A slide (infected, dpi 15 by default) written by the real ``lungmets synth slide``."""
     cmd = [sys.executable, "-m", "histo", "synth", "slide", str(path), "--size", size]

@@ -51,6 +51,7 @@ from _common import (  # noqa: E402
     median_run,
     rotating,
     run_outputs,
+    same_cells,
     synth_slide,
     write_section,
 )
@@ -108,19 +109,11 @@ class GpuSampler:
 def _agreement_row(name: str, gpu, cpu) -> str:
     """One table row: the GPU run's (cells, lesions) against the CPU run's: cells matched one
     to one within 0.5 um, matched cells with another Ki67 call, and the lesion tables."""
-    from histo.evaluate import match_points
-
     (cells_g, les_g), (cells_c, les_c) = gpu, cpu
-    pi, ti = match_points(
-        cells_g[["x_um", "y_um"]].to_numpy(), cells_c[["x_um", "y_um"]].to_numpy(), 0.5
-    )
-    # Without a Ki67 channel the calls are missing (NA) in both.
-    ka = cells_g["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool)[pi]
-    kb = cells_c["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool)[ti]
+    matched, n_g, n_c, ki67 = same_cells(cells_g, cells_c)
     same = lesion_table(les_g) == lesion_table(les_c)
     return (
-        f"| {name} | {len(cells_g)} / {len(cells_c)} | {len(pi)} "
-        f"({len(pi) / max(len(cells_c), 1):.1%}) | {int((ka != kb).sum())} | "
+        f"| {name} | {n_g} / {n_c} | {matched} ({matched / max(n_c, 1):.1%}) | {ki67} | "
         f"{len(les_g)} / {len(les_c)} | {'identical' if same else 'DIFFERENT'} |"
     )
 

@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     median_run,
     rotating,
     run_outputs,
+    same_cells,
     synth_slide,
     write_section,
 )
@@ -57,16 +58,6 @@ def _recall(screened, dense) -> tuple[int, int]:
         screened[["x_um", "y_um"]].to_numpy(), dense[["x_um", "y_um"]].to_numpy(), 1.0
     )
     return len(pi), len(dense)
-
-
-def _same_cells(a, b) -> tuple[int, int, int, int]:
-    """(cells of `a` matched in `b` within 0.5 um, len(a), len(b), Ki67 calls differing)."""
-    from histo.evaluate import match_points
-
-    pi, ti = match_points(a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), 0.5)
-    ka, kb = (t["ki67_pos"].astype("boolean").fillna(False).to_numpy(bool) for t in (a, b))
-    ki = int((ka[pi] != kb[ti]).sum())
-    return len(pi), len(a), len(b), ki
 
 
 def _screen_share(path, config) -> tuple[float, float]:
@@ -112,7 +103,7 @@ def held_out_rows(size: str) -> list[str]:
             same8 = lesion_table(int8.lesions) == lesion_table(screened.lesions)
             tot8 += same8
             full = analyze_slide(s.path, cfg.replace(read_pyramid=False))
-            m, na, nb, ki = _same_cells(screened.cells, full.cells)
+            m, na, nb, ki = same_cells(screened.cells, full.cells)
             samep = lesion_table(full.lesions) == lesion_table(screened.lesions)
             samep = samep and m == na == nb and ki == 0
             totp += samep
