@@ -221,14 +221,22 @@ def detect_cells_unet(
     that holds them), where `downsample` divides the model's whole-number factor; positions
     (`origin_px`, the returned ``x_px``/``y_px``) and `pixel_size_um` stay level 0's.
     """
-    import torch
-
     from models import load_model
     from models.infer import cells_from_maps, predict_maps, resample_mean, to_model_input
 
-    if config.torch_threads > 0 and torch.get_num_threads() != config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
     model = load_model(config.model_path, config.device)
+    # ONNX Runtime on the CPU (`models.runtime`) needs no PyTorch; its sessions have their
+    # own thread counts.
+    torch_runs = not getattr(
+        model.inference_net(config.torch_threads, config.runtime), "runs_numpy", False
+    )
+    out_of_memory: tuple = ()
+    if torch_runs:
+        import torch
+
+        out_of_memory = (torch.cuda.OutOfMemoryError,)
+        if config.torch_threads > 0 and torch.get_num_threads() != config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
     factor = model_factor(model.config["input_um_per_px"], pixel_size_um)
     # `image`'s pixels per model pixel (the same as `factor` for level-0 pixels).
     binning = factor / downsample
@@ -263,7 +271,7 @@ def detect_cells_unet(
     fallback = None
     try:
         maps = run(model, config.batch_size)
-    except torch.cuda.OutOfMemoryError:
+    except out_of_memory:
         import logging
 
         log = logging.getLogger(__name__)
@@ -272,7 +280,7 @@ def detect_cells_unet(
         fallback = f"GPU out of memory with batch {config.batch_size}: ran with batch 1"
         try:
             maps = run(model, 1)
-        except torch.cuda.OutOfMemoryError:
+        except out_of_memory:
             log.warning("GPU out of memory with batch 1; running this chunk on the CPU")
             torch.cuda.empty_cache()
             fallback = "GPU out of memory even with batch 1: ran on the CPU"

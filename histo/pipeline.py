@@ -255,7 +255,10 @@ def measure_background(slide, config: AnalysisConfig) -> tuple[np.ndarray, float
     if slide.overview_level is not None:  # giant, no pyramid: no finer level is read whole
         lev = max(lev, slide.overview_level)
     ds = slide.downsamples[lev]
-    low = np.asarray(slide.levels[lev].compute())
+    from dask.threaded import get as threaded_get
+
+    # Read here, in this process's threads (also under a distributed client).
+    low = np.asarray(slide.levels[lev].compute(scheduler=threaded_get))
     mask_px = slide.pixel_size_um * ds
     mask, offset = tissue_mask(low, mask_px, stored=slide.stored_mask(lev))
     if not mask.any():
@@ -782,6 +785,7 @@ def _run_threaded(args, chunks, config, stain, threads, cancel: threading.Event)
     no further chunk starts (the running ones finish) and `Cancelled` is raised."""
     import dask
     from dask.callbacks import Callback
+    from dask.threaded import get as threaded_get
 
     tasks = [dask.delayed(_chunk_task, pure=False)(*args, c, config, stain) for c in chunks]
     if not tasks:
@@ -805,7 +809,9 @@ def _run_threaded(args, chunks, config, stain, threads, cancel: threading.Event)
                     emit((done, len(tasks), "chunks"))
 
         with _Tick():
-            return dask.compute(*tasks, scheduler="threads", num_workers=threads)
+            # The threaded scheduler itself: naming it ("threads") would import distributed
+            # (a fifth of a second) to look for a client first.
+            return dask.compute(*tasks, scheduler=threaded_get, num_workers=threads)
 
     parts = yield from iter_in_thread(compute, thread_name="lungmets-chunks", cancel=cancel)
     return list(parts)

@@ -4,7 +4,9 @@
 beside it, which rebuilds the network and names its input resolution and normalisation);
 ``load_model(path)`` loads a user's fine-tuned model saved by `models.train.save_model`.
 Weights are plain tensors loaded with ``torch.load(..., weights_only=True)``: no pickled code
-is ever run.
+is ever run. On a CPU, where the model has an ONNX export of its tensors and ONNX Runtime runs
+it (`models.runtime`), PyTorch is not even imported: the tensors are loaded on first use of
+`LoadedModel.net` (training, ``--runtime torch``, a GPU).
 """
 
 from __future__ import annotations
@@ -26,14 +28,32 @@ log = logging.getLogger(__name__)
 
 
 class LoadedModel:
-    """A network ready for inference, with its config (``config['input_um_per_px']`` ...)."""
+    """A network ready for inference, with its config (``config['input_um_per_px']`` ...).
+
+    `device` is a torch device's name (``"cpu"``, ``"cuda:0"``, ``"mps"``). `net`, the
+    PyTorch network, is built from the tensors on first use where it was not given (a
+    CPU run through ONNX Runtime never needs it, nor PyTorch)."""
 
     def __init__(self, net, config: dict, path: Path, device):
-        self.net = net
+        self._net = net
+        self._net_lock = threading.Lock()
         self.config = config
         self.path = path
-        self.device = device
+        self.device = str(device)
         self._runners: dict = {}
+
+    @property
+    def device_type(self) -> str:
+        """``"cpu"``, ``"cuda"`` or ``"mps"``."""
+        return self.device.split(":")[0]
+
+    @property
+    def net(self):
+        """The PyTorch network (`models.unet.UNet`), in eval mode on `device`."""
+        with self._net_lock:
+            if self._net is None:
+                self._net = _torch_net(self.path, self.config, self.device)
+            return self._net
 
     @functools.cached_property
     def fast_net(self):
@@ -52,7 +72,7 @@ class LoadedModel:
         warning). Sessions are built once per runtime and thread count."""
         if runtime not in ("auto", "torch", "int8"):
             raise ValueError(f"runtime must be 'auto', 'torch' or 'int8', got {runtime!r}")
-        if runtime == "torch" or self.device.type != "cpu":
+        if runtime == "torch" or self.device_type != "cpu":
             return self.fast_net
         from .runtime import OnnxNet, onnx_file
 
@@ -130,24 +150,20 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedMod
         If the file is missing, corrupt, altered (checksum), or not a lungmets model.
     """
     path = Path(path).resolve() if path else DEFAULT_MODEL
-    from .infer import resolve_device
+    from .infer import device_name
 
-    dev = resolve_device(device)
-    return _load(str(path), str(dev))
+    return _load(str(path), device_name(device))
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path_str: str, device: str) -> LoadedModel:
-    import torch
-
     from histo.errors import InputError
 
-    from .unet import UNet
+    from .runtime import onnx_file
 
     path = Path(path_str)
     cfg = model_config(path)
-    data = path.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
     if sha != cfg.get("sha256"):
         raise InputError(
             f"{path}: SHA-256 {sha[:16]}... does not match its config "
@@ -157,6 +173,20 @@ def _load(path_str: str, device: str) -> LoadedModel:
     arch = cfg.get("architecture", {})
     if arch.get("class") != "UNet":
         raise InputError(f"{path}: unknown architecture {arch.get('class')!r}")
+    # On the CPU with an ONNX export of these very tensors, ONNX Runtime runs the passes: the
+    # tensors (and PyTorch, about a second to import) wait until something asks for `net`.
+    later = device == "cpu" and onnx_file(path, cfg) is not None
+    return LoadedModel(None if later else _torch_net(path, cfg, device), cfg, path, device)
+
+
+def _torch_net(path: Path, cfg: dict, device: str):
+    import torch
+
+    from histo.errors import InputError
+
+    from .unet import UNet
+
+    arch = cfg.get("architecture", {})
     net = UNet(**{k: v for k, v in arch.items() if k != "class"})
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -166,5 +196,4 @@ def _load(path_str: str, device: str) -> LoadedModel:
             f"{path}: cannot load the weights ({type(exc).__name__}: {exc}); the "
             "file does not fit its config: re-save the model"
         ) from None
-    net.eval().to(device)
-    return LoadedModel(net, cfg, path, torch.device(device))
+    return net.eval().to(device)

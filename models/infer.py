@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -128,6 +129,39 @@ def to_model_input(
         out[k] = normalise((ch - stain.offset[i]) / stain.autofluorescence[i])
     out[3] = 1.0 if "Ki67" in roles else 0.0
     return out
+
+
+#: Device files that exist where a GPU driver PyTorch could use is loaded: NVIDIA's (Linux),
+#: WSL2's GPU bridge, AMD ROCm's. Where none exists, CUDA cannot be available.
+_GPU_DRIVER_FILES = (
+    "/proc/driver/nvidia",
+    "/dev/nvidiactl",
+    "/dev/nvidia0",
+    "/dev/dxg",
+    "/dev/kfd",
+)
+
+
+def _no_gpu_here() -> bool:
+    """True where no GPU PyTorch could use can be present (judged without importing torch):
+    Linux without any GPU driver's device file. Elsewhere (macOS's MPS, Windows) False: ask
+    PyTorch."""
+    import sys
+
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    return not any(Path(f).exists() for f in _GPU_DRIVER_FILES)
+
+
+def device_name(device: str = "auto") -> str:
+    """`resolve_device`'s choice as a name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``),
+    without importing PyTorch where the answer is the CPU anyway (``"cpu"``, or ``"auto"`` on
+    a Linux machine without a GPU driver): a CPU run through ONNX Runtime then never loads it.
+    """
+    name = (device or "auto").lower()
+    if name == "cpu" or (name == "auto" and _no_gpu_here()):
+        return "cpu"
+    return str(resolve_device(device))
 
 
 def resolve_device(device: str = "auto"):
@@ -268,6 +302,39 @@ def crop_boxes(
     return [tuple(int(v) for v in row) for row in b[np.lexsort((b[:, 2], b[:, 0]))]]
 
 
+@contextlib.contextmanager
+def _forward_passes(model, device, channels_last: bool, float16: bool):
+    """A function from a numpy batch (N, 4, Y, X) to probabilities (N, 3, Y, X), for the time
+    of the ``with`` block: ONNX Runtime's session as it is, or a PyTorch network under
+    `torch.inference_mode` (see `predict_maps`)."""
+    if getattr(model, "runs_numpy", False):  # ONNX Runtime (`models.runtime`)
+        yield lambda batch: expit(model.run(batch).astype(np.float32, copy=False))
+        return
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    use_amp = cuda and float16
+    # In float32 on a GPU, cuDNN's convolutions would otherwise round through TF32.
+    arithmetic = (
+        torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+        if cuda and not float16
+        else contextlib.nullcontext()
+    )
+
+    def forward(batch):
+        t = torch.from_numpy(batch)
+        t = t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", enabled=use_amp):
+            logits = model(t)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    with torch.inference_mode(), arithmetic:
+        yield forward
+
+
 def predict_maps(
     model,
     x: np.ndarray,
@@ -294,10 +361,8 @@ def predict_maps(
     memory without waiting; with `channels_last` the batches are handed over in
     channels-last memory order (for `fast_inference_net`).
     `model` may also be an ONNX Runtime network (`models.runtime.OnnxNet`), given numpy
-    batches.
+    batches (PyTorch is then not imported). `device` is a torch device or its name.
     """
-    import torch
-
     _, h, w = x.shape
     if screen is not None:
         margin = SCREEN_CONTEXT_PX if screen_margin is None else screen_margin
@@ -329,30 +394,12 @@ def predict_maps(
         return out
     pad = margin
     xp = np.pad(x, ((0, 0), (pad, pad + span), (pad, pad + span)), mode="reflect")
-    cuda = device.type == "cuda"
-    use_amp = cuda and float16
-    # In float32 on a GPU, cuDNN's convolutions would otherwise round through TF32.
-    arithmetic = (
-        torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
-        if cuda and not float16
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), arithmetic:
+    with _forward_passes(model, device, channels_last, float16) as forward:
         for group in batches:
             batch = np.stack(
                 [xp[:, y0 : y1 + 2 * margin, x0 : x1 + 2 * margin] for y0, y1, x0, x1 in group]
             )
-            if getattr(model, "runs_numpy", False):  # ONNX Runtime (`models.runtime`)
-                logits = model.run(batch)
-                prob = expit(logits.astype(np.float32, copy=False))
-            else:
-                t = torch.from_numpy(batch)
-                t = t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
-                if channels_last:
-                    t = t.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type="cuda", enabled=use_amp):
-                    logits = model(t)
-                prob = torch.sigmoid(logits.float()).cpu().numpy()
+            prob = forward(batch)
             for (y0, y1, x0, x1), p in zip(group, prob, strict=True):
                 y1, x1 = min(y1, h), min(x1, w)
                 out[:, y0:y1, x0:x1] = p[:, margin : margin + y1 - y0, margin : margin + x1 - x0]

@@ -186,3 +186,23 @@ def test_the_int8_runtime_is_a_different_analysis_and_torch_and_float32_are_not(
     summary = json.loads((out / "good" / "summary.json").read_text())
     assert summary["parameters"]["runtime"] == "int8"
     assert summary["counts"]["her2_cells"] == len(good.cells)
+
+
+def test_a_cpu_run_through_onnx_runtime_loads_neither_torch_nor_distributed(tmp_path, good):
+    """On the CPU the shipped model's ONNX export runs the network: a fresh `lungmets run`
+    process then never imports PyTorch (about a second) nor dask.distributed (a fifth),
+    and still finds every cell of the slide."""
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from histo.cli import main\n"
+        f"rc = main(['run', {str(good.path)!r}, '--out', {str(out)!r}, '--device', 'cpu'])\n"
+        "print(rc, [m for m in ('torch', 'distributed') if m in sys.modules])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout
+    summary = json.loads((out / "good" / "summary.json").read_text())
+    assert summary["counts"]["her2_cells"] == len(good.cells)
