@@ -80,11 +80,10 @@ def profile_slide(path: Path, method: str, out: Path):
     import skimage.segmentation  # noqa: F401
 
     if method == "unet":
-        import torch  # noqa: F401
-
         from models import load_model
 
-        load_model(config.model_path, config.device)
+        # What the chunks' forward passes run in (ONNX Runtime on the CPU: no PyTorch).
+        load_model(config.model_path, config.device).inference_net(0, config.runtime)
     t_setup = time.perf_counter() - t_setup
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -168,7 +167,7 @@ def main() -> None:
         machine_line(),
         f"Command: `python3 tests/benchmarks/profile_run.py --size {args.size} --method "
         f"{args.method} --write` (generated infected lung, dpi 15, seed 3; chunks one after "
-        f"the other under cProfile, torch on every core). In the same run: decoding level 0 "
+        f"the other under cProfile, the network on every core). In the same run: decoding level 0 "
         f"once {decode:.1f} s; `lungmets run --method {args.method}` (Dask threads, fresh "
         f"process) {cli:.1f} s = {cli / decode:.1f}x the decode, peak {cli_gb:.2f} GB; "
         f"profiled stage by stage {wall:.1f} s (cProfile adds its own overhead), "
