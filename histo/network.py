@@ -156,10 +156,13 @@ def screen_mask(
     band_px = max(1, int(round(4.0 / um)))
     grown = ndi.grey_dilation(labels, size=2 * band_px + 1)
     band = np.where(labels == 0, grown, 0).ravel()
+    # Sums over the bands' pixels only (the same sums, in the same order, as over all).
+    in_band = np.flatnonzero(band)
+    band = band[in_band]
     band_n = np.maximum(np.bincount(band, minlength=n + 1), 1)
 
     def band_mean(values):
-        return np.bincount(band, weights=values.ravel(), minlength=n + 1) / band_n
+        return np.bincount(band, weights=values.ravel()[in_band], minlength=n + 1) / band_n
 
     her2 = ndi.uniform_filter(ratio[1], smooth)
     her2_band = band_mean(her2)
@@ -170,11 +173,13 @@ def screen_mask(
     coverage = band_mean(her2 > 1.3)
     keep = (her2_band > config.screen_her2_ratio) | (coverage > config.screen_her2_coverage)
     keep |= her2_band > HOST_BAND_KEEP * host
-    flat = labels.ravel()
+    in_object = np.flatnonzero(labels)
+    flat = labels.ravel()[in_object]
     size = np.bincount(flat, minlength=n + 1)
 
     def object_mean(values):
-        return np.bincount(flat, weights=values.ravel(), minlength=n + 1) / np.maximum(size, 1)
+        sums = np.bincount(flat, weights=values.ravel()[in_object], minlength=n + 1)
+        return sums / np.maximum(size, 1)
 
     # Nuclei of a packed focus merge into one object: its HER2 lies between them, inside it.
     merged = size > MERGED_NUCLEI * np.median(size[1:])
