@@ -62,6 +62,9 @@ class TrainConfig:
     family_probability: float = FAMILY_PROBABILITY
     #: Share of patches drawn at another scale (`ZOOM_RANGE`).
     zoom_probability: float = ZOOM_PROBABILITY
+    #: A trained model to distil: its probabilities are a second target beside the truth
+    #: (the same loss against each), so that a smaller network (`base`) learns what it learnt.
+    teacher: str | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -322,6 +325,11 @@ def train(
     rng = np.random.default_rng(config.seed)
     dev = resolve_device(device)
     model = UNet(base=config.base, depth=config.depth).to(dev)
+    teacher = None
+    if config.teacher:
+        from . import load_model
+
+        teacher = load_model(config.teacher, str(dev)).net.eval()
     if init_state is not None:
         model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -350,7 +358,12 @@ def train(
         x = torch.from_numpy(np.stack([b[0] for b in batch])).to(dev)
         y = torch.from_numpy(np.stack([b[1] for b in batch])).to(dev)
         hk = torch.tensor([float(b[2]) for b in batch], device=dev)
-        loss = loss_fn(model(x), y, hk)
+        logits = model(x)
+        loss = loss_fn(logits, y, hk)
+        if teacher is not None:
+            with torch.no_grad():
+                taught = torch.sigmoid(teacher(x))
+            loss = loss + loss_fn(logits, taught, hk)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -418,15 +431,16 @@ def save_model(model, path, *, train_config: TrainConfig, extra: dict | None = N
     return path
 
 
-def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
+def publish_model(src, dst, *, parent=None, calibrate_on=(), teacher=None) -> Path:
     """Save a trained model under its release name (e.g. ``weights/lungmets_unet_v2.pt``).
 
     The weights are the same tensors; the JSON keeps the training record of `src` (recipe,
     history, golden output, slides) with the new name and SHA-256, and, with `parent`, the
     SHA-256 of the model it was fine-tuned from. With `calibrate_on` (slides with truth), the
     nucleus-centre threshold is calibrated on them (`calibrate_centre_threshold`) and stored
-    as ``centre_threshold``, which `histo.network` then uses. The golden output is computed
-    again with the code of the day.
+    as ``centre_threshold``, which `histo.network` then uses; with `teacher` (the model it was
+    distilled from), the teacher's threshold where the slides cannot tell it from the best.
+    The golden output is computed again with the code of the day.
     """
     import json
 
@@ -442,8 +456,16 @@ def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
     if parent is not None:
         keep["parent_sha256"] = load_model(parent, "cpu").sha256
         keep["fine_tuned_from"] = Path(parent).name
+    if teacher is not None:
+        keep["teacher_sha256"] = load_model(teacher, "cpu").sha256
+        keep["distilled_from"] = Path(teacher).name
     if calibrate_on:
-        cal = calibrate_centre_threshold(src, calibrate_on)
+        prefer = None
+        if teacher is not None:
+            from . import model_config
+
+            prefer = model_config(teacher).get("centre_threshold")
+        cal = calibrate_centre_threshold(src, calibrate_on, prefer=prefer)
         keep["centre_threshold"] = cal["centre_threshold"]
         keep["centre_threshold_calibration"] = cal
     # What it computes with today's code (reference levels, resampling), for its test.
@@ -469,7 +491,9 @@ def publish_model(src, dst, *, parent=None, calibrate_on=()) -> Path:
 CENTRE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 
-def calibrate_centre_threshold(model_path, slides, thresholds=CENTRE_THRESHOLDS) -> dict:
+def calibrate_centre_threshold(
+    model_path, slides, thresholds=CENTRE_THRESHOLDS, prefer: float | None = None
+) -> dict:
     """The nucleus-centre probability above which a peak is a cell, chosen on `slides`.
 
     Runs the real analysis (`histo.analyze_slide`, default settings) with the model on slides
@@ -477,7 +501,8 @@ def calibrate_centre_threshold(model_path, slides, thresholds=CENTRE_THRESHOLDS)
     threshold of the highest median cell F1 over the slides (each slide weighs the same, so
     a few slides crowded with cells do not decide, and one slide on which something else
     fails, such as its reference levels, does not set the operating point for all; the mean
-    breaks a tie, then the lower threshold).
+    breaks a tie, then the lower threshold); `prefer`, a distilled model's teacher's
+    threshold, is kept where the slides cannot tell it from that (`pick_centre_threshold`).
     `model_path` must be a model without a ``centre_threshold`` of its own (a training run's
     output), or the thresholds below it cannot be seen.
 
@@ -506,7 +531,7 @@ def calibrate_centre_threshold(model_path, slides, thresholds=CENTRE_THRESHOLDS)
         ]
         for t in thresholds
     }
-    best = pick_centre_threshold(per_slide)
+    best = pick_centre_threshold(per_slide, prefer=prefer)
     f1 = {t: round(float(np.median(v)), 4) for t, v in per_slide.items()}
     mean = {t: round(float(np.mean(v)), 4) for t, v in per_slide.items()}
     per = {t: [round(v, 4) for v in values] for t, values in per_slide.items()}
@@ -516,12 +541,24 @@ def calibrate_centre_threshold(model_path, slides, thresholds=CENTRE_THRESHOLDS)
         "f1_mean": mean,
         "f1_per_slide": per,
         "slides": [Path(p).name for p in slides],
+        "preferred": prefer,
     }
 
 
-def pick_centre_threshold(f1_per_slide: dict) -> float:
+#: A distilled model keeps its teacher's operating point where the validation slides cannot
+#: tell it from the best one: the same median cell F1 and a mean at most this much lower (one
+#: cell in two thousand). Calibration on slides the network gets right at every threshold is
+#: decided by a cell or two, while the student learnt its probabilities from the teacher.
+PREFER_TOLERANCE = 0.0005
+
+
+def pick_centre_threshold(
+    f1_per_slide: dict, prefer: float | None = None, tolerance: float = PREFER_TOLERANCE
+) -> float:
     """The operating point `calibrate_centre_threshold` chooses from each threshold's F1 per
-    slide: the highest median, then the highest mean, then the lowest threshold.
+    slide: the highest median, then the highest mean, then the lowest threshold; or `prefer`
+    (a distilled model's teacher's threshold) where its median is the highest and its mean
+    within `tolerance` of the highest.
 
     The figures compared are the unrounded ones: with many slides near F1 1, means that differ
     by one cell on one slide round to the same four decimals, and the rounding, not the slides,
@@ -537,10 +574,15 @@ def pick_centre_threshold(f1_per_slide: dict) -> float:
     float
         The chosen threshold.
     """
-    return max(
+    best = max(
         f1_per_slide,
         key=lambda t: (np.median(f1_per_slide[t]), np.mean(f1_per_slide[t]), -t),
     )
+    if prefer is not None and prefer in f1_per_slide:
+        p, b = f1_per_slide[prefer], f1_per_slide[best]
+        if np.median(p) >= np.median(b) and np.mean(p) >= np.mean(b) - tolerance:
+            return prefer
+    return best
 
 
 def calibration_inputs(slides, crops_per_slide: int = 8, size_px: int = 192, seed: int = 0):
@@ -771,6 +813,7 @@ def run_training(
         "validation_slides": [p.name for p in va_paths],
         "fine_tuned_from": str(init_model) if init_model else None,
         "parent_sha256": loaded.sha256 if init_model else None,
+        "teacher_sha256": _sha256_of(config.teacher) if config.teacher else None,
         "torch_version": torch.__version__,
     }
     out = save_model(model, out, train_config=config, extra=extra)
@@ -781,6 +824,12 @@ def run_training(
     return out
 
 
+def _sha256_of(model_path) -> str:
+    from . import model_config
+
+    return model_config(model_path)["sha256"]
+
+
 def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipped weights
     import argparse
 
@@ -789,6 +838,10 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
     p.add_argument("--out", default="lungmets_unet.pt")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--from-model", default=None, help="fine-tune this model")
+    p.add_argument(
+        "--teacher", default=None, help="distil this model (its maps as a second target)"
+    )
+    p.add_argument("--base", type=int, default=TrainConfig.base, help="channels of the first block")
     p.add_argument("--slides", type=int, default=TrainConfig.n_train_slides)
     p.add_argument(
         "--exclude-families",
@@ -820,6 +873,8 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
         zoom_probability=args.zoom_probability,
         families=not args.no_families,
         family_probability=args.family_probability,
+        base=args.base,
+        teacher=args.teacher,
     )
     path = run_training(args.out, data_dir=args.data, config=config, init_model=args.from_model)
     print(path)
