@@ -842,6 +842,7 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
         "--teacher", default=None, help="distil this model (its maps as a second target)"
     )
     p.add_argument("--base", type=int, default=TrainConfig.base, help="channels of the first block")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="initial weights and patches")
     p.add_argument("--slides", type=int, default=TrainConfig.n_train_slides)
     p.add_argument(
         "--exclude-families",
@@ -875,6 +876,7 @@ def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipp
         family_probability=args.family_probability,
         base=args.base,
         teacher=args.teacher,
+        seed=args.seed,
     )
     path = run_training(args.out, data_dir=args.data, config=config, init_model=args.from_model)
     print(path)
