@@ -770,6 +770,8 @@ def run_training(
 
     import torch
 
+    from . import model_config
+
     config = config or TrainConfig()
     init_state = None
     if init_model is not None:
@@ -813,7 +815,7 @@ def run_training(
         "validation_slides": [p.name for p in va_paths],
         "fine_tuned_from": str(init_model) if init_model else None,
         "parent_sha256": loaded.sha256 if init_model else None,
-        "teacher_sha256": _sha256_of(config.teacher) if config.teacher else None,
+        "teacher_sha256": model_config(config.teacher)["sha256"] if config.teacher else None,
         "torch_version": torch.__version__,
     }
     out = save_model(model, out, train_config=config, extra=extra)
@@ -822,12 +824,6 @@ def run_training(
             progress(config.steps, config.steps, "validating")
         _record(out, validation=validate_model(out, va_paths))
     return out
-
-
-def _sha256_of(model_path) -> str:
-    from . import model_config
-
-    return model_config(model_path)["sha256"]
 
 
 def main(argv=None) -> None:  # pragma: no cover - run by hand to make the shipped weights
