@@ -47,8 +47,12 @@ from _common import machine_line, write_section  # noqa: E402
 
 #: The infected sections drawn per case, in order; ``--sections N`` takes the first N (the
 #: first two have kept their seeds since the table began; more sections give the lesion
-#: classes, clusters above all, enough lesions for one error not to be the figure).
-SECTIONS = [("IAV", 15), ("IAV", 28), ("IAV", 9), ("IAV", 60), ("IAV", 21), ("IAV", 12)]
+#: classes, clusters above all, enough lesions for one error not to be the figure). Beyond
+#: the sixth, the same six days again, each with its own seed (up to 24 sections).
+_DAYS = [("IAV", 15), ("IAV", 28), ("IAV", 9), ("IAV", 60), ("IAV", 21), ("IAV", 12)]
+SECTIONS = [_DAYS[j % len(_DAYS)] for j in range(24)]
+#: Resamples of the sections for the 95% intervals of the worst-case figures.
+BOOTSTRAP = 2000
 _AF_DEFAULT = AnalysisConfig().her2_min_over_autofluorescence
 SEED = 91000
 FIELD_UM = (1024, 768)
@@ -63,8 +67,10 @@ def case_name(family: str, app: Appearance, px: float) -> str:
 
 
 def section_seed(index: int, j: int) -> int:
-    """The seed of section `j` of case `index` (the first two as the table always had)."""
-    return SEED + 2 * index + j if j < 2 else SEED + 1000 + 10 * index + j
+    """The seed of section `j` of case `index` (the first six as the table always had)."""
+    if j < 2:
+        return SEED + 2 * index + j
+    return SEED + 1000 + 10 * index + j if j < 6 else SEED + 20000 + 100 * index + j
 
 
 def case_slides(
@@ -114,30 +120,52 @@ def _detector_key(config: AnalysisConfig) -> str:
 
 
 def score(results_truths) -> dict:
-    """Pooled cell and strict lesion figures of (result, truth) pairs."""
-    cell = np.zeros(3)
-    les = {c: np.zeros(3) for c in CLASSES}
-    n_pred = n_truth = 0
+    """Pooled cell and strict lesion figures of (result, truth) pairs.
+
+    Each section's counts are kept too (``"sections"``: cells tp, predicted, true, then the
+    same for each lesion class), for `interval`.
+    """
+    rows = []
     for r, t in results_truths:
         ce = evaluate_cells(r.cells, t.cells)
-        cell += (ce["tp"], ce["n_pred"], ce["n_truth"])
-        n_pred += len(r.cells)
-        n_truth += len(t.cells)
         le = evaluate_lesions(r.lesions, t.lesions)
+        row = [ce["tp"], len(r.cells), len(t.cells)]
         for c in CLASSES:
-            les[c] += le.loc[c, ["tp", "n_pred", "n_truth"]].to_numpy(float)
-
-    def prf(tp, npred, ntruth):
-        p = tp / npred if npred else (1.0 if ntruth == 0 else 0.0)
-        r = tp / ntruth if ntruth else (1.0 if npred == 0 else 0.0)
-        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-    p, r, f = prf(*cell)
-    out = {"P": p, "R": r, "F1": f, "count": (n_pred - n_truth) / max(n_truth, 1), "n": n_truth}
-    for c in CLASSES:
-        out[c] = prf(*les[c])[2]
-        out[f"n_{c}"] = int(les[c][2])
+            row += le.loc[c, ["tp", "n_pred", "n_truth"]].to_numpy(float).tolist()
+        rows.append([float(v) for v in row])
+    out = _figures(np.sum(rows, axis=0))
+    out["sections"] = rows
     return out
+
+
+def _prf(tp, npred, ntruth):
+    p = tp / npred if npred else (1.0 if ntruth == 0 else 0.0)
+    r = tp / ntruth if ntruth else (1.0 if npred == 0 else 0.0)
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def _figures(total) -> dict:
+    """The table's figures from summed section counts (see `score`)."""
+    p, r, f = _prf(*total[:3])
+    n_pred, n_truth = total[1], total[2]
+    out = {"P": p, "R": r, "F1": f, "count": (n_pred - n_truth) / max(n_truth, 1), "n": n_truth}
+    for i, c in enumerate(CLASSES):
+        tp, npred, ntruth = total[3 + 3 * i : 6 + 3 * i]
+        out[c] = _prf(tp, npred, ntruth)[2]
+        out[f"n_{c}"] = int(ntruth)
+    return out
+
+
+def interval(result: dict, key: str, seed: int = 0) -> tuple[float, float]:
+    """95% interval of one figure of a case over its sections (bootstrap: the sections drawn
+    again with replacement, `BOOTSTRAP` times): how far another set of sections of the same
+    case could move it."""
+    rows = np.asarray(result["sections"])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(len(rows), size=(BOOTSTRAP, len(rows)))
+    values = [_figures(rows[d].sum(axis=0))[key] for d in draws]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def main() -> None:
@@ -188,9 +216,8 @@ def main() -> None:
         for det, config in detectors.items():
             n = f"s{args.sections}." if args.sections != 2 else ""
             cache = args.data / f"case{index:02d}.{n}{_detector_key(config)}.json"
-            if cache.exists() and not args.force:
-                s = json.loads(cache.read_text())
-            else:
+            s = json.loads(cache.read_text()) if cache.exists() and not args.force else {}
+            if "sections" not in s and "error" not in s:
                 t0 = time.perf_counter()
                 try:
                     results = [analyze_slide(p, config) for p in paths]
@@ -219,7 +246,13 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
         *(_row(r) for r in rows),
         "",
-        "Worst case per detector over the held-out cases (the default style excluded):",
+        "Worst case per detector over the held-out cases (the default style excluded)"
+        + (
+            "; in brackets, the 95% interval of that case's figure over its sections "
+            "(bootstrap: the sections drawn again with replacement):"
+            if args.sections >= 6
+            else ":"
+        ),
         "",
         "| detector | cells F1 | count error | single F1 | cluster F1 | focus F1 |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -235,7 +268,11 @@ def main() -> None:
             if not rows_:
                 return "-"
             r = (min if lowest else max)(rows_, key=lambda x: x[key] if lowest else abs(x[key]))
-            return f"{r[key]:+.1%}" if key == "count" else f"{r[key]:.3f}"
+            fmt = "{:+.1%}" if key == "count" else "{:.3f}"
+            text = fmt.format(r[key])
+            if args.sections >= 6:  # enough sections for an interval to mean something
+                text += " ({} to {})".format(*(fmt.format(v) for v in interval(r, key)))
+            return text
 
         def worst_cls(c, ok=ok):
             with_c = [r for r in ok if r[f"n_{c}"] > 0]
