@@ -57,7 +57,33 @@ def match_points(
     return pi[r[ok]], ti[c[ok]]
 
 
-def _prf(tp: int, n_pred: int, n_truth: int) -> dict:
+def precision_recall_f1(tp: int, n_pred: int, n_truth: int) -> dict:
+    """Precision, recall and F1 from counts of matches, predictions and true objects.
+
+    An empty class scores 1.0 when nothing was predicted for it and 0.0 when something was;
+    nothing predicted for a non-empty class scores 0.0 throughout.
+
+    Parameters
+    ----------
+    tp : int
+        Predictions matched to a true object.
+    n_pred, n_truth : int
+        Predictions and true objects.
+
+    Returns
+    -------
+    dict
+        ``n_truth``, ``n_pred``, ``tp``, ``precision``, ``recall``, ``f1``.
+
+    Examples
+    --------
+    >>> precision_recall_f1(8, 10, 16)["f1"]
+    0.6153846153846154
+    >>> precision_recall_f1(0, 0, 0)["f1"], precision_recall_f1(0, 3, 0)["f1"]
+    (1.0, 0.0)
+    >>> r = precision_recall_f1(0, 0, 5); r["precision"], r["recall"], r["f1"]
+    (0.0, 0.0, 0.0)
+    """
     precision = tp / n_pred if n_pred else (1.0 if n_truth == 0 else 0.0)
     recall = tp / n_truth if n_truth else (1.0 if n_pred == 0 else 0.0)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -80,7 +106,7 @@ def evaluate_cells(pred: pd.DataFrame, truth: pd.DataFrame, distance_um: float =
     pi, ti = match_points(
         pred[["x_um", "y_um"]].to_numpy(), truth[["x_um", "y_um"]].to_numpy(), distance_um
     )
-    out = _prf(len(pi), len(pred), len(truth))
+    out = precision_recall_f1(len(pi), len(pred), len(truth))
     out["count_error"] = (len(pred) - len(truth)) / max(len(truth), 1)
     if pred["ki67_pos"].notna().all() and len(pi):
         p = pred["ki67_pos"].to_numpy(bool)
@@ -116,9 +142,9 @@ def evaluate_lesions(
         pi, _ = match_points(
             p[["x_um", "y_um"]].to_numpy(), t[["x_um", "y_um"]].to_numpy(), tol_all[tmask]
         )
-        rows[cls] = _prf(len(pi), len(p), len(t))
+        rows[cls] = precision_recall_f1(len(pi), len(p), len(t))
     pi, _ = match_points(
         pred[["x_um", "y_um"]].to_numpy(), truth[["x_um", "y_um"]].to_numpy(), tol_all
     )
-    rows["all"] = _prf(len(pi), len(pred), len(truth))
+    rows["all"] = precision_recall_f1(len(pi), len(pred), len(truth))
     return pd.DataFrame(rows).T

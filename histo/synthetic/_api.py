@@ -44,12 +44,28 @@ def truth_dir_for(slide_path: str | os.PathLike) -> Path:
     return p.parent / f"{slide_stem(p)}.truth"
 
 
-def slide_is_current(path: str | os.PathLike) -> bool:
+def slide_is_current(
+    path: str | os.PathLike,
+    *,
+    appearance: Appearance | None = None,
+    pixel_size_um: float | None = None,
+) -> bool:
     """Whether `path` is a generated slide that today's generator would draw the same.
 
-    True when the slide and its truth exist and its ``slide.json`` carries the current
-    `GENERATOR_REVISION`. Caches of generated slides (training data, benchmarks) draw a slide
-    again when this is False, rather than use one an older generator made.
+    True when the slide and its truth exist, its ``slide.json`` carries the current
+    `GENERATOR_REVISION` and, where given, the same `appearance` and `pixel_size_um`. Caches of
+    generated slides (training data, benchmarks) draw a slide again when this is False, rather
+    than use one an older generator made or one drawn in a style that has since changed (a
+    family's range moved, the same seed now draws another style).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The slide.
+    appearance : Appearance, optional
+        The style the caller would draw it in now.
+    pixel_size_um : float, optional
+        The pixel size the caller would draw it at now.
 
     Examples
     --------
@@ -62,7 +78,19 @@ def slide_is_current(path: str | os.PathLike) -> bool:
     meta = truth_dir_for(path) / "slide.json"
     if not (path.exists() and meta.exists()):
         return False
-    return json.loads(meta.read_text()).get("generator_revision", 1) == GENERATOR_REVISION
+    info = json.loads(meta.read_text())
+    if info.get("generator_revision", 1) != GENERATOR_REVISION:
+        return False
+    spec = info.get("spec", {})
+    if appearance is not None:
+        try:
+            if Appearance(**spec.get("appearance", {})) != appearance:
+                return False
+        except (TypeError, ValueError):  # written by a generator with other fields
+            return False
+    return pixel_size_um is None or math.isclose(
+        float(spec.get("pixel_size_um", -1.0)), pixel_size_um, rel_tol=1e-9
+    )
 
 
 @dataclass

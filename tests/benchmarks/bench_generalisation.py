@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from histo.config import AnalysisConfig
-from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
+from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions, precision_recall_f1
 from histo.pipeline import analyze_slide
 from histo.synthetic import generate_slide, load_truth, slide_is_current
 from histo.synthetic._appearance import Appearance, held_out_cases
@@ -80,7 +80,7 @@ def case_slides(
     paths = []
     for j, (group, dpi) in enumerate(SECTIONS[:n_sections]):
         path = data / f"case{index:02d}_{j}.ome.tif"
-        if not slide_is_current(path):
+        if not slide_is_current(path, appearance=app, pixel_size_um=px):
             generate_slide(
                 path,
                 size_px=(int(round(FIELD_UM[0] / px)), int(round(FIELD_UM[1] / px))),
@@ -138,20 +138,15 @@ def score(results_truths) -> dict:
     return out
 
 
-def _prf(tp, npred, ntruth):
-    p = tp / npred if npred else (1.0 if ntruth == 0 else 0.0)
-    r = tp / ntruth if ntruth else (1.0 if npred == 0 else 0.0)
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
 def _figures(total) -> dict:
     """The table's figures from summed section counts (see `score`)."""
-    p, r, f = _prf(*total[:3])
+    prf = precision_recall_f1(*total[:3])
+    p, r, f = prf["precision"], prf["recall"], prf["f1"]
     n_pred, n_truth = total[1], total[2]
     out = {"P": p, "R": r, "F1": f, "count": (n_pred - n_truth) / max(n_truth, 1), "n": n_truth}
     for i, c in enumerate(CLASSES):
         tp, npred, ntruth = total[3 + 3 * i : 6 + 3 * i]
-        out[c] = _prf(tp, npred, ntruth)[2]
+        out[c] = precision_recall_f1(tp, npred, ntruth)["f1"]
         out[f"n_{c}"] = int(ntruth)
     return out
 

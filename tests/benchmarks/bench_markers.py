@@ -70,14 +70,15 @@ def style_slides(data: Path, name: str, n: int, size_px=SIZE_PX) -> list[Path]:
     paths = []
     for j, (group, dpi) in enumerate(style_sections(sections, n)):
         path = data / f"style{k:02d}_{j}.ome.tif"
-        if not slide_is_current(path):
+        app = Appearance(**fields)
+        if not slide_is_current(path, appearance=app):
             generate_slide(
                 path,
                 size_px=size_px,
                 group=group,
                 dpi=dpi,
                 seed=section_seed(k, j),
-                appearance=Appearance(**fields),
+                appearance=app,
                 labels=False,
             )
         paths.append(path)

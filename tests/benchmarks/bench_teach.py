@@ -58,10 +58,11 @@ def _slides(data: Path, family: dict, sections, tag: str) -> list[Path]:
     out = []
     for seed, group, dpi in sections:
         path = data / f"{tag}_{seed}.ome.tif"
-        if not slide_is_current(path):
+        app = Appearance(**family)
+        if not slide_is_current(path, appearance=app):
             generate_slide(
                 path, size_px=SIZE_PX, group=group, dpi=dpi, seed=seed,
-                appearance=Appearance(**family), labels=False,
+                appearance=app, labels=False,
             )  # fmt: skip
         out.append(path)
     return out

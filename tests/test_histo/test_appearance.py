@@ -14,7 +14,7 @@ import tifffile
 from histo.config import AnalysisConfig
 from histo.io import open_slide
 from histo.pipeline import measure_background
-from histo.synthetic import Appearance, generate_slide, load_truth
+from histo.synthetic import Appearance, generate_slide, load_truth, slide_is_current
 from histo.synthetic._appearance import FAMILIES, HELD_OUT_ENTIRELY, random_appearance
 
 SIZE = (1024, 1024)
@@ -152,6 +152,20 @@ def test_bleed_through_and_autofluorescence_change_the_channels(tmp_path):
     assert low.meta["stain"]["autofluorescence"]["HER2"] == pytest.approx(
         0.1 * default.meta["stain"]["autofluorescence"]["HER2"], rel=1e-3
     )
+
+
+def test_a_cached_slide_is_current_only_in_the_style_it_was_drawn_in(tmp_path):
+    # Training and benchmark caches ask this before reusing a slide: a family whose range has
+    # moved draws another style from the same seed, and the old slide must be drawn again.
+    app = Appearance(autofluorescence=2.0, af_unevenness=0.3)
+    slide = generate_slide(
+        tmp_path / "s.ome.tif", size_px=(256, 256), seed=5, pixel_size_um=0.6, appearance=app
+    )
+    assert slide_is_current(slide.path)
+    assert slide_is_current(slide.path, appearance=app, pixel_size_um=0.6)
+    assert not slide_is_current(slide.path, appearance=Appearance(autofluorescence=2.5))
+    assert not slide_is_current(slide.path, appearance=app, pixel_size_um=0.5)
+    assert not slide_is_current(tmp_path / "missing.ome.tif", appearance=app)
 
 
 @pytest.mark.parametrize("layout", ["stroma", "liver"])
