@@ -260,7 +260,8 @@ def make_slides(
             )
         side = int(round(size_px * 0.5 / px))
         path = out_dir / f"train_{seed}{tag}.ome.tif"
-        if not slide_is_current(path):  # missing, or drawn by an older generator
+        # Missing, drawn by an older generator, or in a style the families no longer draw.
+        if not slide_is_current(path, appearance=app, pixel_size_um=px):
             generate_slide(
                 path,
                 size_px=(side, side),
@@ -635,12 +636,12 @@ def validate_model(model_path, slides, methods=("unet", "classical")) -> dict:
         "lesions_focus_f1", "lesions_all_f1"}, "slides": [names]}``
     """
     from histo.config import AnalysisConfig
-    from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions
+    from histo.evaluate import CLASSES, evaluate_cells, evaluate_lesions, precision_recall_f1
     from histo.pipeline import analyze_slide
     from histo.synthetic import load_truth
 
     def f1(tp, n_pred, n_truth):
-        return 2 * tp / (n_pred + n_truth) if n_pred + n_truth else 1.0
+        return precision_recall_f1(tp, n_pred, n_truth)["f1"]
 
     truths = [load_truth(p) for p in slides]
     out: dict = {}
