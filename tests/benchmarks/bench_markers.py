@@ -67,10 +67,10 @@ def style_slides(data: Path, name: str, n: int, size_px=SIZE_PX) -> list[Path]:
     """The first `n` sections of style `name` (generated once into `data`)."""
     k = list(STYLES).index(name)
     fields, sections = STYLES[name]
+    app = Appearance(**fields)
     paths = []
     for j, (group, dpi) in enumerate(style_sections(sections, n)):
         path = data / f"style{k:02d}_{j}.ome.tif"
-        app = Appearance(**fields)
         if not slide_is_current(path, appearance=app):
             generate_slide(
                 path,

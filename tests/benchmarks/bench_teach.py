@@ -55,10 +55,10 @@ BOX_UM = 200.0
 
 
 def _slides(data: Path, family: dict, sections, tag: str) -> list[Path]:
+    app = Appearance(**family)
     out = []
     for seed, group, dpi in sections:
         path = data / f"{tag}_{seed}.ome.tif"
-        app = Appearance(**family)
         if not slide_is_current(path, appearance=app):
             generate_slide(
                 path, size_px=SIZE_PX, group=group, dpi=dpi, seed=seed,
