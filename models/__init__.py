@@ -1,6 +1,6 @@
 """The segmentation network, its training and its shipped weights.
 
-``load_model()`` returns the shipped U-Net (``weights/lungmets_unet_v4.pt`` and the JSON config
+``load_model()`` returns the shipped U-Net (``weights/lungmets_unet_v5.pt`` and the JSON config
 beside it, which rebuilds the network and names its input resolution and normalisation);
 ``load_model(path)`` loads a user's fine-tuned model saved by `models.train.save_model`.
 Weights are plain tensors loaded with ``torch.load(..., weights_only=True)``: no pickled code
@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = WEIGHTS_DIR / "lungmets_unet_v4.pt"
+DEFAULT_MODEL = WEIGHTS_DIR / "lungmets_unet_v5.pt"
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "model_config"]
 

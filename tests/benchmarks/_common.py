@@ -11,6 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: The shipped network's short name in the tables ("v5" for ``lungmets_unet_v5.pt``), and the
+#: one it replaced, shown beside it where a table compares them.
+SHIPPED = "v5"
+PREVIOUS = "v4"
+
 # Runs a command as its child and reports its exit code, wall time and peak resident memory.
 _CHILD = """
 import resource, subprocess, sys, time

@@ -3,9 +3,9 @@
 Run on demand (never in CI)::
 
     python3 tests/benchmarks/bench_generalisation.py \
-        --models v4=default,v1=models/weights/lungmets_unet_v1.pt --methods classical [--write]
+        --models v5=default,v1=models/weights/lungmets_unet_v1.pt --methods classical [--write]
 
-The shipped network (v4, like v2 before it) is itself the leave-family-out model: it was
+The shipped network (v5, like v4 and v2 before it) is itself the leave-family-out model: it was
 trained with every family held out, entirely (HER2 pattern, dynamic range, tissue layout) or
 beyond a middle range (the others); its recipe is in models/weights/MODEL_CARD.md. Any other
 model can be scored the same way (``--models NAME=PATH``; ``lungmets train ...
@@ -43,7 +43,7 @@ from histo.synthetic import generate_slide, load_truth, slide_is_current
 from histo.synthetic._appearance import Appearance, held_out_cases
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, write_section  # noqa: E402
+from _common import PREVIOUS, SHIPPED, machine_line, write_section  # noqa: E402
 
 #: The infected sections drawn per case, in order; ``--sections N`` takes the first N (the
 #: first two have kept their seeds since the table began; more sections give the lesion
@@ -229,7 +229,8 @@ def main() -> None:
         machine_line(),
         "Command: `python3 tests/benchmarks/bench_generalisation.py "
         f"--models {args.models} --methods {args.methods} --sections {args.sections} --write`. "
-        "v4 (shipped) and v2 never saw the held-out values (models/weights/MODEL_CARD.md). "
+        f"{SHIPPED} (shipped), {PREVIOUS} and v2 never saw the held-out values "
+        "(models/weights/MODEL_CARD.md). "
         f"{args.sections} infected sections per case (IAV "
         + ", ".join(str(d) for _, d in SECTIONS[: args.sections])
         + f" dpi, seeds {SEED}+, {FIELD_UM[0]}x{FIELD_UM[1]} um each). Cells: "

@@ -2,7 +2,7 @@
 
 Run on demand (never in CI)::
 
-    python3 tests/benchmarks/bench_model_validation.py [--models v1,v2,v4] [--record] [--write]
+    python3 tests/benchmarks/bench_model_validation.py [--models v1,v2,v4,v5] [--record] [--write]
 
 For each shipped model, its own validation slides are generated again from the recipe in its
 JSON (`models.train.revalidate`: same seeds, size and appearance families) and scored by
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, machine_line, write_section  # noqa: E402
+from _common import ROOT, SHIPPED, machine_line, write_section  # noqa: E402
 
 from histo.synthetic._appearance import FAMILY_PROBABILITY  # noqa: E402
 
@@ -29,6 +29,7 @@ MODELS = {
     "v1": ROOT / "models" / "weights" / "lungmets_unet_v1.pt",
     "v2": ROOT / "models" / "weights" / "lungmets_unet_v2.pt",
     "v4": ROOT / "models" / "weights" / "lungmets_unet_v4.pt",
+    "v5": ROOT / "models" / "weights" / "lungmets_unet_v5.pt",
 }
 
 
@@ -55,7 +56,9 @@ def main(argv=None) -> None:
     from models.train import make_slides, revalidate, validate_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="v1,v2,v4", help="comma-separated: v1, v2, v4")
+    ap.add_argument(
+        "--models", default=f"v1,v2,v4,{SHIPPED}", help="comma-separated: " + ", ".join(MODELS)
+    )
     ap.add_argument("--data", type=Path, default=Path("/tmp/lungmets_train"))
     ap.add_argument("--slides", type=int, default=0, help="only the first N slides")
     ap.add_argument("--record", action="store_true", help="write the models' JSON")

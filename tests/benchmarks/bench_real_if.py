@@ -62,7 +62,7 @@ under /work/.mirror, from which ``prepare`` takes the files above at their commi
     # or, with every other benchmark: run_all.py --real-data /work (reads /work/real_if_data)
 
 ``table`` scores each field x marker (HER2 and pan-cytokeratin in the HER2 role) with the shipped
-network (v4), v2, v1 and the classical detector, and writes the section ``bench_real_if`` of
+network (v5), v4, v2, v1 and the classical detector, and writes the section ``bench_real_if`` of
 BENCHMARKS.md. One row by hand, e.g. on your own data::
 
     python3 tests/benchmarks/bench_real_if.py run --header --name dcis_2203 \
@@ -86,6 +86,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PREVIOUS, SHIPPED  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Labels
@@ -663,7 +666,8 @@ def table_fields(data: Path) -> list[dict]:
 
 #: Detectors of the table: name, method, AnalysisConfig fields.
 DETECTORS = (
-    ("v4", "unet", {}),
+    (SHIPPED, "unet", {}),
+    (PREVIOUS, "unet", {"model_path": f"models/weights/lungmets_unet_{PREVIOUS}.pt"}),
     ("v2", "unet", {"model_path": "models/weights/lungmets_unet_v2.pt"}),
     ("v1", "unet", {"model_path": "models/weights/lungmets_unet_v1.pt"}),
     ("classical", "classical", {}),
@@ -770,7 +774,10 @@ def cmd_calibrate(args) -> None:
             *TABLE_HEADER,
         ]
         for f, lab, ch in rows:
-            for det, config in (("v4", {}), ("v4, calibrated", {"model_path": str(model)})):
+            for det, config in (
+                (SHIPPED, {}),
+                (f"{SHIPPED}, calibrated", {"model_path": str(model)}),
+            ):
                 lines.append(_table_row(f, lab, ch, det, "unet", config, args.threads))
                 print(lines[-1], flush=True)
     lines[0:0] = [
@@ -779,7 +786,6 @@ def cmd_calibrate(args) -> None:
         "",
     ]
     if args.write:
-        sys.path.insert(0, str(Path(__file__).parent))
         from _common import machine_line, write_section
 
         write_section(
@@ -807,7 +813,6 @@ def cmd_table(args) -> None:
                 lines.append(_table_row(f, label, channel, det, method, config, args.threads))
                 print(lines[-1], flush=True)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).parent))
         from _common import machine_line, write_section
 
         lines += [
@@ -880,7 +885,9 @@ def main(argv=None) -> None:
 
     tb = sub.add_parser("table", help="score every row of the published table")
     tb.add_argument("--data", required=True, help="the folder `prepare` wrote")
-    tb.add_argument("--detectors", default="", help="comma list of v4,v2,v1,classical")
+    tb.add_argument(
+        "--detectors", default="", help="comma list of " + ",".join(d[0] for d in DETECTORS)
+    )
     tb.add_argument("--threads", type=int, default=1)
     tb.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     tb.set_defaults(func=cmd_table)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS_ENV, ROOT  # noqa: E402
+from _common import BENCHMARKS_ENV, PREVIOUS, ROOT, SHIPPED  # noqa: E402
 
 HERE = Path(__file__).parent
 README = ROOT / "README.md"
@@ -45,8 +45,10 @@ MODEL_CARD_V1 = ROOT / "models" / "weights" / "MODEL_CARD_v1.md"
 MODEL_CARD_V2 = ROOT / "models" / "weights" / "MODEL_CARD_v2.md"
 #: The documents whose quoted figures run_all writes.
 DOCUMENTS = [README, MODEL_CARD, MODEL_CARD_V1, MODEL_CARD_V2]
-MODEL_JSON = ROOT / "models" / "weights" / "lungmets_unet_v4.json"
-MODEL_PT = ROOT / "models" / "weights" / "lungmets_unet_v4.pt"
+MODEL_PT = ROOT / "models" / "weights" / f"lungmets_unet_{SHIPPED}.pt"
+MODEL_JSON = MODEL_PT.with_suffix(".json")
+#: The model the shipped one replaced, beside it where a table compares them.
+PREVIOUS_PT = f"models/weights/lungmets_unet_{PREVIOUS}.pt"
 V1_JSON = ROOT / "models" / "weights" / "lungmets_unet_v1.json"
 V1_PT = "models/weights/lungmets_unet_v1.pt"
 V2_JSON = ROOT / "models" / "weights" / "lungmets_unet_v2.json"
@@ -70,7 +72,8 @@ class Bench:
 
 
 _GEN_MODELS = (
-    f"v4=default,v2={V2_PT},v1={V1_PT},v4-her2auto=default:her2=auto,v4-no-af-check=default:af=0"
+    f"{SHIPPED}=default,{PREVIOUS}={PREVIOUS_PT},v2={V2_PT},v1={V1_PT},"
+    f"{SHIPPED}-her2auto=default:her2=auto,{SHIPPED}-no-af-check=default:af=0"
 )
 
 #: bench_markers' sets of sections (first seed: what each is for).
@@ -150,8 +153,8 @@ BENCHES: list[Bench] = [
     Bench(
         "model-speed",
         "bench_model_speed.py",
-        ["--models", f"v1={V1_PT},v4=default", "--size", "8192x6144", "--repeat", "2"],
-        ["--models", f"v1={V1_PT},v4=default", "--size", "2048x1536", "--repeat", "1"],
+        ["--models", f"v1={V1_PT},{SHIPPED}=default", "--size", "8192x6144", "--repeat", "2"],
+        ["--models", f"v1={V1_PT},{SHIPPED}=default", "--size", "2048x1536", "--repeat", "1"],
         ("bench_model_speed",),
     ),
     Bench(
@@ -164,8 +167,8 @@ BENCHES: list[Bench] = [
     Bench(
         "model-validation",
         "bench_model_validation.py",
-        ["--models", "v1,v2,v4", "--record"],
-        ["--models", "v4", "--slides", "1"],
+        ["--models", f"v1,v2,{PREVIOUS},{SHIPPED}", "--record"],
+        ["--models", SHIPPED, "--slides", "1"],
         ("bench_model_validation",),
         note="full: records the validation blocks of the shipped models' JSON",
     ),
@@ -190,7 +193,7 @@ BENCHES: list[Bench] = [
         ["--models", _GEN_MODELS, "--methods", "classical", "--sections", "2"],
         [
             "--models",
-            "v4=default,v4-no-af-check=default:af=0",
+            f"{SHIPPED}=default,{SHIPPED}-no-af-check=default:af=0",
             "--methods",
             "",
             "--sections",
@@ -206,10 +209,17 @@ BENCHES: list[Bench] = [
     Bench(
         "generalisation-6",
         "bench_generalisation.py",
-        ["--models", "v4=default,v4-int8=default:runtime=int8", "--methods", "", "--sections", "6"],
         [
             "--models",
-            "v4=default",
+            f"{SHIPPED}=default,{SHIPPED}-int8=default:runtime=int8",
+            "--methods",
+            "",
+            "--sections",
+            "6",
+        ],
+        [
+            "--models",
+            f"{SHIPPED}=default",
             "--methods",
             "",
             "--sections",
@@ -225,10 +235,17 @@ BENCHES: list[Bench] = [
     Bench(
         "generalisation-24",
         "bench_generalisation.py",
-        ["--models", "v4=default", "--methods", "", "--sections", "24"],
         [
             "--models",
-            "v4=default",
+            f"{SHIPPED}=default,{PREVIOUS}={PREVIOUS_PT}",
+            "--methods",
+            "",
+            "--sections",
+            "24",
+        ],
+        [
+            "--models",
+            f"{SHIPPED}=default",
             "--methods",
             "",
             "--sections",
@@ -239,7 +256,8 @@ BENCHES: list[Bench] = [
             "/tmp/lungmets_generalisation_quick",
         ],
         ("bench_generalisation_s24",),
-        note="v4 on 24 sections per case, with intervals (an hour; quick: the 5x AF case)",
+        note=f"{SHIPPED} and {PREVIOUS} on 24 sections per case, with intervals (an hour or two; "
+        "quick: the 5x AF case)",
     ),
     *(_markers(seed) for seed in MARKER_SETS),
     *(_markers(seed, "mean") for seed in MARKER_SETS),
@@ -450,8 +468,8 @@ def _liver_precision(f: Figures) -> tuple[float, float]:
     autofluorescence check."""
     case = "layout: layout=liver"
     return (
-        _generalisation_cells(f, case, "v4-no-af-check")[0],
-        _generalisation_cells(f, case, "v4")[0],
+        _generalisation_cells(f, case, f"{SHIPPED}-no-af-check")[0],
+        _generalisation_cells(f, case, SHIPPED)[0],
     )
 
 
@@ -517,7 +535,17 @@ def q_card_liver(f: Figures) -> str:
 
 
 def q_card_uneven_af(f: Figures) -> str:
-    r = f.row("bench_generalisation_s24", "autofluorescence: autofluorescence=5.0")
+    r = next(
+        (
+            r
+            for r in f.table("bench_generalisation_s24")
+            if r["case"].startswith("autofluorescence: autofluorescence=5.0")
+            and r["detector"] == SHIPPED
+        ),
+        None,
+    )
+    if r is None:
+        raise KeyError(f"bench_generalisation_s24 has no row of {SHIPPED} on the 5x case")
     recall = float(r["cells P / R / F1"].split("/")[1])
     return (
         f"cells recall {recall:.3f}, HER2+ count {r['count']}, single-cell F1 "

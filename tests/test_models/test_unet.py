@@ -266,15 +266,16 @@ def test_shipped_model_matches_its_published_accuracy_on_the_held_out_slide(held
 
 
 def test_the_accuracy_test_fails_a_slightly_degraded_model(held_out, tmp_path):
-    """The shipped weights with the cell-centre output lowered by 2.1 logits: a model that
-    misses about 1 cell in 15 (measured with v4: recall 0.932, F1 0.965, count -7%, lesion F1
-    1.000), which the former bounds (F1 >= 0.9, count within 10%, lesion F1 >= 0.85) let
-    through. (v4's centre peaks stand further above its operating point than v2's: lowered by
-    1.5, as for v2, it still finds every cell; by 2.5 it misses half.)"""
+    """The shipped weights with the cell-centre output lowered by 4.5 logits: a model that
+    misses about 1 cell in 15 (measured with v5: recall 0.932, F1 0.965, count -6.8%, lesion F1
+    0.947), which the former bounds (F1 >= 0.9, count within 10%, lesion F1 >= 0.85) let
+    through. (Each version's centre peaks stand at their own height above its operating
+    point: v4 missed as many lowered by 2.1 and half by 2.5; v5 still finds every cell lowered
+    by 3.5 and only 7% of them by 5.5.)"""
     from models import DEFAULT_MODEL
 
     state = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
-    state["head.bias"] = state["head.bias"] - torch.tensor([0.0, 2.1, 0.0])  # cell, centre, Ki67
+    state["head.bias"] = state["head.bias"] - torch.tensor([0.0, 4.5, 0.0])  # cell, centre, Ki67
     path = tmp_path / "degraded.pt"
     torch.save(state, path)
     cfg = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
@@ -482,8 +483,11 @@ def test_reading_the_pyramid_gives_the_full_resolution_cells(held_out):
     ai, bi = match_points(a[["x_um", "y_um"]].to_numpy(), b[["x_um", "y_um"]].to_numpy(), 0.5)
     assert len(ai) == len(a)
     assert (a["ki67_pos"].to_numpy(bool)[ai] == b["ki67_pos"].to_numpy(bool)[bi]).all()
-    # Per-cell means move by the rounding only.
-    assert np.abs(a["her2_mean"].to_numpy()[ai] - b["her2_mean"].to_numpy()[bi]).max() < 0.5
+    # Per-cell means move by the rounding, and where a cell's mask gains or loses an edge
+    # pixel (v5: 3 cells of 44, the most by 0.3%), by that pixel's share.
+    diff = np.abs(a["her2_mean"].to_numpy()[ai] - b["her2_mean"].to_numpy()[bi])
+    assert np.median(diff) < 0.5, diff
+    assert (diff / a["her2_mean"].to_numpy()[ai]).max() < 0.01, diff
 
     def table(lesions):
         return sorted(zip(lesions["n_cells"], lesions["class"], strict=True))
