@@ -231,7 +231,8 @@ def test_random_appearance_never_draws_held_out_values():
         assert app.layout == "alveolar"
         assert 0.4 <= px <= 0.7
         assert app.nucleus_dapi >= 0.5 and app.ki67_dapi >= 0.55
-        assert 0.3 <= app.autofluorescence <= 3.0 and app.tumour_fraction <= 0.4
+        assert 0.3 <= app.autofluorescence <= 4.5 and app.af_unevenness <= 0.75
+        assert app.tumour_fraction <= 0.4
     # ... while the whole-range draw reaches them.
     full = [random_appearance(rng)[0] for _ in range(300)]
     assert {a.her2_pattern for a in full} >= {"over_nucleus", "granular"}
