@@ -517,8 +517,11 @@ def _operating_point(model: dict) -> str:
     others = [k for k in med if k != t]
     near = min(others, key=lambda k: abs(float(k) - float(t)))
     low = min(others, key=float)
+    others_at = f"{med[near]:.3f} at {near}" + (
+        "" if low == near else f", {med[low]:.3f} at {low}"
+    )  # the nearest threshold is also the lowest other when the lowest was chosen
     return (
-        f"{med[t]:.3f}; {med[near]:.3f} at {near}, {med[low]:.3f} at {low}; the mean agrees: "
+        f"{med[t]:.3f}; {others_at}; the mean agrees: "
         f"{mean[t]:.3f} at {t}, {mean[near]:.3f} at {near}"
     )
 
