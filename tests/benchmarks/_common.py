@@ -11,10 +11,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: The shipped network's short name in the tables ("v5" for ``lungmets_unet_v5.pt``), and the
-#: one it replaced, shown beside it where a table compares them.
-SHIPPED = "v5"
-PREVIOUS = "v4"
+
+def _short_name(weights_file: str) -> str:
+    """A model's short name in the tables: "v5" for ``lungmets_unet_v5.pt``."""
+    return Path(weights_file).stem.rsplit("_", 1)[-1]
+
+
+def _shipped() -> tuple[str, str, str]:
+    from models import DEFAULT_MODEL, model_config
+
+    parent = model_config(DEFAULT_MODEL)["fine_tuned_from"]
+    return _short_name(DEFAULT_MODEL.name), _short_name(parent), f"models/weights/{parent}"
+
+
+#: The shipped network's short name in the tables, and the one it was fine-tuned from (its
+#: JSON's ``fine_tuned_from``), shown beside it where a table compares them, with its path.
+SHIPPED, PREVIOUS, PREVIOUS_PT = _shipped()
 
 # Runs a command as its child and reports its exit code, wall time and peak resident memory.
 _CHILD = """

@@ -88,7 +88,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PREVIOUS, SHIPPED  # noqa: E402
+from _common import PREVIOUS, PREVIOUS_PT, SHIPPED  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Labels
@@ -667,7 +667,7 @@ def table_fields(data: Path) -> list[dict]:
 #: Detectors of the table: name, method, AnalysisConfig fields.
 DETECTORS = (
     (SHIPPED, "unet", {}),
-    (PREVIOUS, "unet", {"model_path": f"models/weights/lungmets_unet_{PREVIOUS}.pt"}),
+    (PREVIOUS, "unet", {"model_path": PREVIOUS_PT}),
     ("v2", "unet", {"model_path": "models/weights/lungmets_unet_v2.pt"}),
     ("v1", "unet", {"model_path": "models/weights/lungmets_unet_v1.pt"}),
     ("classical", "classical", {}),

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS_ENV, PREVIOUS, ROOT, SHIPPED  # noqa: E402
+from _common import BENCHMARKS_ENV, PREVIOUS, PREVIOUS_PT, ROOT, SHIPPED  # noqa: E402
 
 HERE = Path(__file__).parent
 README = ROOT / "README.md"
@@ -47,8 +47,6 @@ MODEL_CARD_V2 = ROOT / "models" / "weights" / "MODEL_CARD_v2.md"
 DOCUMENTS = [README, MODEL_CARD, MODEL_CARD_V1, MODEL_CARD_V2]
 MODEL_PT = ROOT / "models" / "weights" / f"lungmets_unet_{SHIPPED}.pt"
 MODEL_JSON = MODEL_PT.with_suffix(".json")
-#: The model the shipped one replaced, beside it where a table compares them.
-PREVIOUS_PT = f"models/weights/lungmets_unet_{PREVIOUS}.pt"
 V1_JSON = ROOT / "models" / "weights" / "lungmets_unet_v1.json"
 V1_PT = "models/weights/lungmets_unet_v1.pt"
 V2_JSON = ROOT / "models" / "weights" / "lungmets_unet_v2.json"
